@@ -1,0 +1,215 @@
+"""Checkpoints: atomic writes with a ``last_checkpoint`` pointer and retention, readers for our own and
+the official MAE / RC-MAE formats, strict-by-default state loading with a report, encoder export.
+
+Our format (``format = "rcmae-toolkit/1"``)::
+
+    {"format", "student", "teacher" (None for MAE), "optimizer", "optimizer_param_names", "scaler",
+     "step", "epoch", "step_in_epoch", "rng" (one entry per rank), "config", "arch"}
+
+``student`` / ``teacher`` hold MaskedAutoencoderViT state dicts (MAE key names, no ``module.``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .models import is_encoder_key
+
+log = logging.getLogger(__name__)
+
+FORMAT = "rcmae-toolkit/1"
+POINTER = "last_checkpoint"
+FIXED_KEYS = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos: recomputed, never learned
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- writing
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int) -> Path:
+    """Write ``checkpoint_<step>.pth`` atomically, point ``last_checkpoint`` at it, keep the last K."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"checkpoint_{step:08d}.pth"
+    atomic_save(state, path)
+    pointer_tmp = out_dir / (POINTER + ".tmp")
+    pointer_tmp.write_text(path.name + "\n")
+    os.replace(pointer_tmp, out_dir / POINTER)
+    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    return sorted(p for p in Path(out_dir).glob("checkpoint_*.pth")
+                  if re.fullmatch(r"checkpoint_\d+\.pth", p.name))
+
+
+def find_last_checkpoint(out_dir: str | Path) -> Path | None:
+    pointer = Path(out_dir) / POINTER
+    if not pointer.is_file():
+        return None
+    path = Path(out_dir) / pointer.read_text().strip()
+    if not path.is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass
+class PretrainCheckpoint:
+    """A pretraining checkpoint of any supported origin, keys normalised to our names."""
+    path: str
+    source: str  # "ours" | "mae" | "rcmae"
+    student: dict
+    teacher: dict | None
+    raw: dict = field(repr=False)
+
+    @property
+    def optimizer(self):
+        return self.raw.get("optimizer")
+
+    def model(self, which: str) -> tuple[str, dict]:
+        """The weights to export or fine-tune: ``teacher``, ``student``, or ``auto`` (teacher if any)."""
+        if which == "auto":
+            which = "teacher" if self.teacher is not None else "student"
+        if which == "teacher":
+            if self.teacher is None:
+                raise CheckpointError(f"{self.path} ({self.source}) has no teacher; "
+                                      "use which=student (or auto)")
+            return which, self.teacher
+        if which == "student":
+            return which, self.student
+        raise ValueError(f"which must be teacher, student or auto, got {which!r}")
+
+
+def strip_prefix(sd: dict, prefix: str = "module.") -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def torch_load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    # Official MAE / RC-MAE checkpoints pickle their argparse Namespace.
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+def read_checkpoint(path: str | Path) -> PretrainCheckpoint:
+    raw = torch_load(path)
+    if raw.get("format") == FORMAT:
+        return PretrainCheckpoint(str(path), "ours", raw["student"], raw["teacher"], raw)
+    if "student" in raw and "teacher" in raw:
+        return PretrainCheckpoint(str(path), "rcmae", strip_prefix(raw["student"]),
+                                  strip_prefix(raw["teacher"]), raw)
+    if "model" in raw:
+        return PretrainCheckpoint(str(path), "mae", strip_prefix(raw["model"]), None, raw)
+    raise CheckpointError(f"{path}: not a pretraining checkpoint (expected our format, RC-MAE's "
+                          f"'student'/'teacher' or MAE's 'model'); top-level keys: {sorted(raw)}")
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    fixed_mismatch: list[str]
+
+    def summary(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors"]
+        if self.missing:
+            parts.append(f"missing (left at init) {self.missing}")
+        if self.unexpected:
+            parts.append(f"unexpected {self.unexpected}")
+        if self.fixed_mismatch:
+            parts.append(f"fixed position embeddings of another size, recomputed {self.fixed_mismatch}")
+        return "; ".join(parts)
+
+
+def load_state(module: torch.nn.Module, sd: dict, what: str, allow_missing: bool = False) -> LoadReport:
+    """Copy ``sd`` into ``module``; a shape mismatch or unexpected key is an error, missing keys are
+    an error unless ``allow_missing`` (they are listed either way). Fixed sin-cos position
+    embeddings of another grid size are kept at their recomputed values."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    fixed_mismatch, bad_shapes, to_load = [], [], {}
+    for k, v in sd.items():
+        if k not in own:
+            continue
+        if v.shape != own[k].shape:
+            (fixed_mismatch if k in FIXED_KEYS else bad_shapes).append(
+                f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+            continue
+        to_load[k] = v
+    if bad_shapes or unexpected or (missing and not allow_missing):
+        raise CheckpointError(
+            f"{what} does not match the model: "
+            + "; ".join(f"{name} {items}" for name, items in
+                        (("shape mismatch", bad_shapes), ("unexpected keys", unexpected),
+                         ("missing keys", missing)) if items)
+            + ". Check model.arch / model.img_size / decoder sizes against the checkpoint.")
+    module.load_state_dict(to_load, strict=False)
+    report = LoadReport(sorted(to_load), missing, unexpected, fixed_mismatch)
+    log.info("%s: %s", what, report.summary())
+    return report
+
+
+def mae_param_order(named_params: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
+    """Parameter order of the official MAE / RC-MAE optimizer (timm 0.3.2 ``add_weight_decay``:
+    1-d tensors and biases first, then the rest, each in ``named_parameters`` order)."""
+    trainable = [(n, p) for n, p in named_params if p.requires_grad]
+    no_decay = [n for n, p in trainable if p.ndim <= 1 or n.endswith(".bias")]
+    return no_decay + [n for n, _ in trainable if n not in set(no_decay)]
+
+
+def remap_optimizer_state(opt_sd: dict, saved_names: list[str], names: list[str],
+                          template: dict) -> dict:
+    """Rebuild an optimizer state dict saved with parameter order ``saved_names`` for the order
+    ``names`` of ``template`` (our optimizer's own state dict)."""
+    saved_ids = [i for g in opt_sd["param_groups"] for i in g["params"]]
+    if len(saved_ids) != len(saved_names) or sorted(saved_names) != sorted(names):
+        raise CheckpointError("the checkpoint's optimizer covers other parameters than this model "
+                              f"({len(saved_ids)} saved vs {len(names)} here)")
+    by_name = {n: opt_sd["state"][i] for n, i in zip(saved_names, saved_ids) if i in opt_sd["state"]}
+    ours = [i for g in template["param_groups"] for i in g["params"]]
+    state = {i: by_name[n] for n, i in zip(names, ours) if n in by_name}
+    return {"state": state, "param_groups": template["param_groups"]}
+
+
+def export_encoder(path: str | Path, which: str, out: str | Path) -> Path:
+    """Save the encoder of ``which`` model as ``{"model": <timm VisionTransformer keys>, ...}``."""
+    ckpt = read_checkpoint(path)
+    chosen, sd = ckpt.model(which)
+    encoder = {k: v for k, v in sd.items() if is_encoder_key(k)}
+    if not any(k.startswith("blocks.") for k in encoder):
+        raise CheckpointError(f"{path}: the {chosen} weights hold no encoder blocks")
+    meta = {"source": ckpt.source, "which": chosen, "from": str(path)}
+    if ckpt.source == "ours":
+        meta.update(arch=ckpt.raw.get("arch"), step=ckpt.raw.get("step"))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": encoder, "meta": meta}, out)
+    log.info("exported the %s encoder of %s (%d tensors) to %s", chosen, path, len(encoder), out)
+    return out

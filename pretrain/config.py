@@ -1,0 +1,101 @@
+"""Configs: nested dicts of defaults, YAML files that override them, ``key.sub=value`` overrides.
+
+A config file may only set keys that exist in the defaults of its tool; an unknown key is an error
+that lists the valid ones. Values are type-checked against the default's type.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _check_type(key: str, default: Any, value: Any, source: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {type(default).__name__} "
+                          f"(default {default!r}), got {value!r}")
+    return value
+
+
+def _set(cfg: dict, defaults: dict, key: str, value: Any, source: str) -> None:
+    valid = flatten(defaults)
+    if key not in valid:
+        close = [k for k in valid if k.split(".")[-1] == key.split(".")[-1]]
+        hint = f" Did you mean {close}?" if close else ""
+        raise ConfigError(f"{source}: unknown key {key!r}.{hint} Valid keys:\n  "
+                          + "\n  ".join(sorted(valid)))
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[leaf] = _check_type(key, valid[key], value, source)
+
+
+def merge(cfg: dict, defaults: dict, updates: dict, source: str) -> None:
+    for key, value in flatten(updates).items():
+        _set(cfg, defaults, key, value, source)
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def load_config(defaults: dict, config_file: str | Path | None = None,
+                overrides: Iterable[str] = ()) -> dict:
+    """Defaults <- YAML file <- command-line overrides, each key validated."""
+    cfg = copy.deepcopy(defaults)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        merge(cfg, defaults, data, str(path))
+    for key, value in parse_overrides(overrides):
+        _set(cfg, defaults, key, value, "command line")
+    return cfg
+
+
+def save_config(cfg: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -1,0 +1,173 @@
+"""Pretraining data: image folders, the embedded demo set, synthetic images, and a resumable sampler.
+
+Every random choice is a function of (seed, epoch, index): the augmentation of a sample does not
+depend on the number of processes, data-loader workers, or where a run was resumed.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset, find_classes
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Real RGB photos shipped inside scikit-image (no download needed).
+DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle",
+               "hubble_deep_field", "immunohistochemistry", "retina")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def pretrain_transform(img_size: int, min_scale: float):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(img_size, scale=(min_scale, 1.0),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def list_images(root: str | Path) -> list[str]:
+    """Image paths of an ImageFolder tree (``root/<class>/<image>``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path: image folder {root} does not exist")
+    try:
+        _, class_to_idx = find_classes(str(root))
+        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"data.path: {root} is not an ImageFolder tree "
+                                f"(root/<class>/<image>): {e}") from None
+    return [path for path, _ in samples]
+
+
+class SeededImages(Dataset):
+    """Images read from ``paths``, indexed by ``(index, seed)`` pairs from :class:`GlobalBatchSampler`.
+
+    An unreadable or corrupt file is replaced by the next readable one in the list; each item
+    returns how many files were skipped, so the training log can count them.
+    """
+
+    max_skips = 50
+
+    def __init__(self, paths: list[str], transform):
+        if not paths:
+            raise ValueError("no images to train on")
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as img:
+            return img.convert("RGB")
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        for skipped in range(min(self.max_skips, len(self.paths))):
+            path_index = (index + skipped) % len(self.paths)
+            try:
+                img = self.load(path_index)
+            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on bad files
+                log.warning("skipping unreadable image %s: %s", self.paths[path_index], e)
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(img), skipped
+        raise RuntimeError(f"{self.max_skips} consecutive unreadable images from "
+                           f"{self.paths[index]}: check the data folder")
+
+
+class SyntheticImages(Dataset):
+    """Deterministic random images (benchmarks and tests); no file I/O."""
+
+    def __init__(self, length: int, img_size: int):
+        self.length, self.img_size = length, img_size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        g = torch.Generator().manual_seed(index)
+        low = torch.randn(3, 8, 8, generator=g)
+        img = torch.nn.functional.interpolate(low[None], size=self.img_size, mode="bilinear",
+                                              align_corners=False)[0]
+        if seed % 2:  # the per-sample seed doubles as the flip coin
+            img = img.flip(-1)
+        return img, 0
+
+
+class GlobalBatchSampler(Sampler):
+    """Infinite stream of this rank's ``(index, seed)`` pairs, starting at optimizer step ``start_step``.
+
+    Epoch ``e`` is a permutation seeded by (seed, e), cut into global batches of
+    ``micro_batch * accum * world`` samples (the remainder is dropped). Within step ``s``, micro-batch
+    ``m`` of rank ``r`` takes positions ``(m * world + r) * micro_batch`` onward: one process with
+    ``accum = k`` sees exactly the samples of ``k`` processes with ``accum = 1``.
+    """
+
+    def __init__(self, num_samples: int, micro_batch: int, accum: int, world: int, rank: int,
+                 seed: int, start_step: int = 0):
+        self.micro_batch, self.accum, self.world, self.rank = micro_batch, accum, world, rank
+        self.global_batch = micro_batch * accum * world
+        self.steps_per_epoch = num_samples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{num_samples} images cannot fill one batch of {self.global_batch}")
+        self.num_samples, self.seed, self.start_step = num_samples, seed, start_step
+
+    def __len__(self) -> int:  # one epoch for this rank
+        return self.steps_per_epoch * self.accum * self.micro_batch
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.num_samples, generator=g).tolist()
+            for s in range(step_in_epoch, self.steps_per_epoch):
+                for m in range(self.accum):
+                    start = s * self.global_batch + (m * self.world + self.rank) * self.micro_batch
+                    for i in perm[start:start + self.micro_batch]:
+                        yield i, sample_seed(self.seed, epoch, i)
+            step = (epoch + 1) * self.steps_per_epoch
+
+
+def build_demo_folder(root: str | Path, crops_per_photo: int = 16, size: int = 96,
+                      seed: int = 0) -> Path:
+    """ImageFolder tree of JPEG crops of the photos that ship with scikit-image.
+
+    Deterministic; reused when already complete. Returns the tree's root.
+    """
+    import skimage.data
+
+    root = Path(root)
+    done = root / ".complete"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for name in DEMO_PHOTOS:
+        photo = getattr(skimage.data, name)()
+        photo = photo[0] if isinstance(photo, tuple) else photo
+        h, w = photo.shape[:2]
+        out = root / name
+        out.mkdir(parents=True, exist_ok=True)
+        for k in range(crops_per_photo):
+            side = int(min(h, w) * rng.uniform(0.5, 1.0))
+            y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size),
+                                                                         Image.BICUBIC)
+            crop.save(out / f"{name}_{k:03d}.jpg", quality=90)
+    done.touch()
+    return root

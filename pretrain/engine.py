@@ -1,0 +1,91 @@
+"""The training step shared by the training loop and the throughput benchmark."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from .rcmae import RCMAE
+
+NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+
+
+def param_groups(model: nn.Module, weight_decay: float):
+    """AdamW groups: no decay on biases, norms (all 1-d tensors), position embeddings and tokens.
+
+    Returns the groups and the parameter names in the optimizer's order (saved in checkpoints).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        (no_decay if skip else decay).append((name, p))
+    groups = [{"params": [p for _, p in no_decay], "weight_decay": 0.0},
+              {"params": [p for _, p in decay], "weight_decay": weight_decay}]
+    return groups, [n for n, _ in no_decay] + [n for n, _ in decay]
+
+
+def build_optimizer(student: nn.Module, weight_decay: float, betas, device_type: str):
+    groups, names = param_groups(student, weight_decay)
+    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), **fast), names
+
+
+def mask_noise(seed: int, step: int, global_batch: int, num_patches: int, device: torch.device,
+               different_teacher_mask: bool) -> torch.Tensor:
+    """Masking noise of a whole optimizer step, a function of (seed, step) only.
+
+    Shape (G, L), or (2, G, L) with the teacher's own noise second. Each process slices its
+    micro-batches out of it, so the masks do not depend on the number of processes.
+    """
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    shape = (2, global_batch, num_patches) if different_teacher_mask else (global_batch, num_patches)
+    return torch.rand(shape, generator=g, device=device)
+
+
+class TrainStep:
+    """One optimizer step: ``accum`` micro-batches forward/backward (DDP syncs on the last only),
+    optional gradient clipping, optimizer step (through the fp16 scaler when given), EMA update.
+
+    Returns device tensors (summed over micro-batches); nothing here synchronises with the host.
+    """
+
+    def __init__(self, model: RCMAE, forward: nn.Module, optimizer: torch.optim.Optimizer,
+                 amp_dtype: torch.dtype | None, device: torch.device, clip_grad: float | None = None,
+                 scaler: torch.amp.GradScaler | None = None):
+        self.model, self.forward, self.optimizer = model, forward, optimizer
+        self.amp_dtype, self.device, self.clip_grad, self.scaler = amp_dtype, device, clip_grad, scaler
+
+    def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
+                 momentum: float) -> dict[str, torch.Tensor]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = len(micro_batches)
+        sums = {}
+        for i, (imgs, noise) in enumerate(micro_batches):
+            sync = i == accum - 1 or not hasattr(self.forward, "no_sync")
+            with (contextlib.nullcontext() if sync else self.forward.no_sync()), \
+                    torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                   enabled=self.amp_dtype is not None):
+                out = self.forward(imgs, noise)
+            loss = out["loss"] / accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            for key in ("loss", "recon", "consistency"):
+                if key in out:
+                    value = out[key].detach()
+                    sums[key] = sums[key] + value if key in sums else value
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad:
+            sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.model.student.parameters(), self.clip_grad)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_teacher(momentum)
+        return sums

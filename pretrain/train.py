@@ -1,0 +1,356 @@
+"""RC-MAE / MAE pretraining: ``main(cfg)`` runs on one CPU process, torchrun, or SLURM tasks."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import ConfigError, save_config
+from .data import (GlobalBatchSampler, SeededImages, SyntheticImages, build_demo_folder,
+                   list_images, pretrain_transform)
+from .distributed import (all_gather_objects, all_reduce, barrier, cleanup, init_distributed,
+                          world_size)
+from .engine import TrainStep, build_optimizer, mask_noise
+from .models import ARCHS, build_mae
+from .rcmae import RCMAE, lr_at, momentum_at
+from .visualize import save_reconstruction
+
+log = logging.getLogger("pretrain")
+
+DEFAULTS = {
+    "model": {"arch": "vit_base_patch16", "img_size": 224, "decoder_dim": 512, "decoder_depth": 8,
+              "decoder_heads": 16, "mask_ratio": 0.75, "norm_pix_loss": True},
+    "rcmae": {"gamma": 1.0, "momentum": 0.996, "teacher_mask": "same"},
+    "data": {"source": "folder", "path": None, "crop_min_scale": 0.2, "num_workers": 10,
+             "synthetic_size": 4096},
+    "optim": {"batch_size": 4096, "base_lr": 1.5e-4, "lr": None, "min_lr": 0.0,
+              "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": None, "epochs": 800,
+              "warmup_epochs": 40},
+    "train": {"output_dir": "output/pretrain", "micro_batch": 64, "precision": "auto",
+              "device": "auto", "compile": False, "seed": 0, "resume": "auto", "init": None,
+              "stop_at_step": None},
+    "checkpoint": {"every_epochs": 1, "every_steps": 0, "keep": 2},
+    "export": {"which": "teacher"},
+    "log": {"every_steps": 20, "tensorboard": False, "recon_every_epochs": 1, "recon_images": 4},
+}
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def validate(cfg: dict, world: int) -> int:
+    """Check cross-key constraints; returns the gradient-accumulation factor."""
+    m, o, t = cfg["model"], cfg["optim"], cfg["train"]
+    if m["arch"] not in ARCHS:
+        raise ConfigError(f"model.arch={m['arch']!r} unknown; choose one of {sorted(ARCHS)}")
+    if not 0 < m["mask_ratio"] < 1:
+        raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m['mask_ratio']}")
+    if cfg["data"]["source"] not in ("folder", "demo", "synthetic"):
+        raise ConfigError("data.source must be folder, demo or synthetic")
+    if cfg["data"]["source"] == "folder" and not cfg["data"]["path"]:
+        raise ConfigError("data.source=folder needs data.path (an ImageFolder tree, e.g. "
+                          "imagenet/train)")
+    if t["precision"] not in ("auto", *AMP_DTYPES):
+        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {t['precision']!r}")
+    if cfg["export"]["which"] not in ("teacher", "student"):
+        raise ConfigError("export.which must be teacher or student")
+    if cfg["export"]["which"] == "teacher" and cfg["rcmae"]["gamma"] == 0:
+        raise ConfigError("rcmae.gamma=0 trains no teacher: set export.which=student")
+    per_step = t["micro_batch"] * world
+    if o["batch_size"] % per_step:
+        raise ConfigError(f"optim.batch_size={o['batch_size']} must be a multiple of "
+                          f"train.micro_batch ({t['micro_batch']}) x processes ({world}) = {per_step}")
+    return o["batch_size"] // per_step
+
+
+def setup_logging(out_dir: Path, is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+    if is_main:
+        handler = logging.FileHandler(out_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+
+
+def build_dataset(cfg: dict, out_dir: Path):
+    d, size = cfg["data"], cfg["model"]["img_size"]
+    if d["source"] == "synthetic":
+        return SyntheticImages(d["synthetic_size"], size)
+    root = build_demo_folder(out_dir / "demo_data") if d["source"] == "demo" else d["path"]
+    return SeededImages(list_images(root), pretrain_transform(size, d["crop_min_scale"]))
+
+
+def rng_state() -> dict:
+    """RNG states in plain types, so checkpoints load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss),
+                                                      float(gauss)],
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def restore(cfg: dict, model: RCMAE, optimizer, param_names, scaler, steps_per_epoch: int,
+            out_dir: Path, rank: int) -> int:
+    """Resume (auto / a file) or initialise from a checkpoint; returns the first step to run."""
+    resume = cfg["train"]["resume"]
+    path = None
+    if resume == "auto":
+        path = ckpt.find_last_checkpoint(out_dir)
+    elif resume not in (None, "none", False):
+        path = Path(resume)
+    if path is not None:
+        c = ckpt.read_checkpoint(path)
+        log.info("resuming from %s (%s checkpoint)", path, c.source)
+        ckpt.load_state(model.student, c.student, f"{path} student")
+        if model.teacher is not None:
+            ckpt.load_state(model.teacher, c.teacher if c.teacher is not None else c.student,
+                            f"{path} teacher" if c.teacher is not None else f"{path} student (as teacher)")
+        if c.source == "ours":
+            optimizer.load_state_dict(c.raw["optimizer"])
+            step = c.raw["step"]
+            rngs = c.raw["rng"]
+            set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        else:  # official MAE / RC-MAE: optimizer saved in the official parameter order
+            order = ckpt.mae_param_order(list(model.student.named_parameters()))
+            optimizer.load_state_dict(ckpt.remap_optimizer_state(
+                c.raw["optimizer"], order, param_names, optimizer.state_dict()))
+            step = (int(c.raw["epoch"]) + 1) * steps_per_epoch
+        if scaler is not None and c.raw.get("scaler"):
+            scaler.load_state_dict(c.raw["scaler"])
+        log.info("resumed at step %d (epoch %.2f)", step, step / steps_per_epoch)
+        return step
+    if cfg["train"]["init"]:
+        c = ckpt.read_checkpoint(cfg["train"]["init"])
+        log.info("initialising from %s (%s checkpoint)", cfg["train"]["init"], c.source)
+        ckpt.load_state(model.student, c.student, "init student", allow_missing=True)
+        if model.teacher is not None:
+            ckpt.load_state(model.teacher, c.teacher if c.teacher is not None else c.student,
+                            "init teacher", allow_missing=True)
+    return 0
+
+
+class MetricLogger:
+    """Accumulates step metrics on the device and reduces them every few steps (one host sync)."""
+
+    KEYS = ("loss", "recon", "consistency", "skipped_images")
+
+    def __init__(self, device, out_dir: Path | None, tensorboard: bool):
+        self.device = device
+        self.jsonl = open(out_dir / "metrics.jsonl", "a") if out_dir else None
+        self.tb = None
+        if tensorboard and out_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(out_dir / "tensorboard")
+        self._reset()
+
+    def _reset(self):
+        self.sums = torch.zeros(len(self.KEYS) + 1, device=self.device)  # + step count
+        self.first_bad = torch.full((), 2 ** 62, dtype=torch.long, device=self.device)
+        self.t0, self.images = time.perf_counter(), 0
+
+    def add(self, step: int, sums: dict, micro_steps: int, skipped: torch.Tensor, images: int):
+        values = [sums.get(k, torch.zeros((), device=self.device)) / micro_steps
+                  for k in self.KEYS[:-1]]
+        row = torch.stack([*values, skipped.to(self.device, torch.float32),
+                           torch.ones((), device=self.device)])
+        self.sums += row
+        bad = ~torch.isfinite(row[0])
+        self.first_bad = torch.where(bad, torch.minimum(self.first_bad, torch.tensor(
+            step, device=self.device)), self.first_bad)
+        self.images += images
+
+    def flush(self, step: int, epoch: float, lr: float, momentum: float, is_main: bool) -> dict:
+        """Reduce over processes; raise if a loss was not finite; write the log line."""
+        world = world_size()
+        totals = all_reduce(self.sums.clone())
+        first_bad = int(all_reduce(self.first_bad.clone(), dist.ReduceOp.MIN).item())
+        if first_bad < 2 ** 62:
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {first_bad} (global step, 0-based): stopping. "
+                "The last checkpoint holds the last good weights; lower the learning rate, "
+                "enable optim.clip_grad or use train.precision=bf16.")
+        n = max(totals[-1].item(), 1)  # steps x processes
+        elapsed = time.perf_counter() - self.t0
+        record = {"step": step, "epoch": round(epoch, 4), "lr": lr, "momentum": momentum}
+        for k, v in zip(self.KEYS, totals[:-1].tolist()):
+            record[k] = v if k == "skipped_images" else v / n
+        record["img_per_s"] = self.images * world / elapsed if elapsed > 0 else 0.0
+        record["mem_gb"] = (torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda"
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+        if is_main and self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            if self.tb:
+                for k, v in record.items():
+                    if k != "step":
+                        self.tb.add_scalar(f"pretrain/{k}", v, step)
+        self._reset()
+        return record
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def main(cfg: dict) -> dict:
+    """Train; returns a summary (output paths, last metrics). Safe to call again after a requeue."""
+    t = cfg["train"]
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if t["device"] == "auto" else t["device"]
+    env = init_distributed(device_type)
+    device = torch.device(device_type, env.local_rank) if device_type == "cuda" else torch.device("cpu")
+    accum = validate(cfg, env.world_size)
+    out_dir = Path(t["output_dir"]).resolve()
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob("*.tmp"):  # half-written files of an interrupted save
+            stale.unlink()
+    barrier()
+    setup_logging(out_dir, env.is_main)
+    if env.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    precision = t["precision"] if t["precision"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    amp_dtype = AMP_DTYPES[precision]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    m, o = cfg["model"], cfg["optim"]
+    torch.manual_seed(t["seed"])  # identical initial weights on every rank
+    student = build_mae(m["arch"], m["img_size"], m["decoder_dim"], m["decoder_depth"],
+                        m["decoder_heads"], m["norm_pix_loss"])
+    model = RCMAE(student, m["mask_ratio"], cfg["rcmae"]["gamma"], cfg["rcmae"]["teacher_mask"]).to(device)
+    optimizer, param_names = build_optimizer(model.student, o["weight_decay"], o["betas"], device_type)
+    scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+
+    dataset = build_dataset(cfg, out_dir)
+    global_batch = o["batch_size"]
+    steps_per_epoch = len(dataset) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(dataset)} images cannot fill one batch of optim.batch_size={global_batch}")
+    total_steps = o["epochs"] * steps_per_epoch
+    warmup_steps = int(o["warmup_epochs"] * steps_per_epoch)
+    peak_lr = o["lr"] if o["lr"] is not None else o["base_lr"] * global_batch / 256
+    start_step = restore(cfg, model, optimizer, param_names, scaler, steps_per_epoch, out_dir, env.rank)
+    stop_step = min(total_steps, t["stop_at_step"] or total_steps)
+
+    forward = model
+    if env.world_size > 1:
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device_type == "cuda" else None)
+    if t["compile"]:
+        forward = torch.compile(forward)
+    step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, o["clip_grad"], scaler)
+
+    sampler = GlobalBatchSampler(len(dataset), t["micro_batch"], accum, env.world_size, env.rank,
+                                 t["seed"], start_step)
+    workers = cfg["data"]["num_workers"]
+    loader = DataLoader(dataset, batch_size=t["micro_batch"], sampler=sampler, num_workers=workers,
+                        pin_memory=device_type == "cuda", drop_last=True,
+                        persistent_workers=workers > 0)
+    recon_batch = torch.stack([dataset[(i, i)][0] for i in range(min(cfg["log"]["recon_images"],
+                                                                      len(dataset)))]).to(device)
+    recon_noise = mask_noise(t["seed"] + 1, 0, len(recon_batch), model.student.num_patches, device,
+                             model.teacher_mask == "different")
+    log.info("model %s (%.1fM student params), teacher: %s, %d process(es), micro-batch %d x accum %d "
+             "= batch %d, %d steps/epoch, %d steps in all, peak lr %.3g, precision %s, device %s",
+             m["arch"], sum(p.numel() for p in model.student.parameters()) / 1e6,
+             "EMA" if model.teacher is not None else "none (MAE)", env.world_size, t["micro_batch"],
+             accum, global_batch, steps_per_epoch, total_steps, peak_lr, precision, device)
+
+    metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"])
+    bar = tqdm(total=total_steps, initial=start_step, disable=not env.is_main, unit="step",
+               dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+    batches = iter(loader)
+    record, step = {}, start_step
+    ck = cfg["checkpoint"]
+
+    def save(step_done: int) -> Path | None:
+        state = {"format": ckpt.FORMAT, "arch": m["arch"],
+                 "student": model.student.state_dict(),
+                 "teacher": model.teacher.state_dict() if model.teacher is not None else None,
+                 "optimizer": optimizer.state_dict(), "optimizer_param_names": param_names,
+                 "scaler": scaler.state_dict() if scaler else None, "step": step_done,
+                 "epoch": step_done // steps_per_epoch, "step_in_epoch": step_done % steps_per_epoch,
+                 "rng": all_gather_objects(rng_state()), "config": cfg}
+        path = ckpt.save_checkpoint(state, out_dir, step_done, ck["keep"]) if env.is_main else None
+        barrier()
+        return path
+
+    try:
+        while step < stop_step:
+            lr = lr_at(step, warmup_steps, total_steps, peak_lr, o["min_lr"])
+            momentum = momentum_at(step, total_steps, cfg["rcmae"]["momentum"])
+            noise = mask_noise(t["seed"], step, global_batch, model.student.num_patches, device,
+                               model.teacher_mask == "different")
+            micro, skipped = [], torch.zeros(())
+            for k in range(accum):
+                imgs, n_skipped = next(batches)
+                first = (k * env.world_size + env.rank) * t["micro_batch"]
+                micro.append((imgs.to(device, non_blocking=True),
+                              noise[..., first:first + t["micro_batch"], :]))
+                skipped = skipped + n_skipped.sum()
+            sums = step_fn(micro, lr, momentum)
+            metrics.add(step, sums, accum, skipped, accum * t["micro_batch"])
+            step += 1
+            bar.update(1)
+            epoch_end = step % steps_per_epoch == 0
+            epoch = step // steps_per_epoch
+            save_now = step == stop_step or (
+                (ck["every_steps"] and step % ck["every_steps"] == 0)
+                or (epoch_end and ck["every_epochs"] and epoch % ck["every_epochs"] == 0))
+            if save_now or step % cfg["log"]["every_steps"] == 0:
+                record = metrics.flush(step, step / steps_per_epoch, lr, momentum, env.is_main)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                img_s=f"{record['img_per_s']:.0f}")
+                log.info("step %d/%d %s", step, total_steps,
+                         " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+            if save_now:
+                path = save(step)
+                if env.is_main:
+                    log.info("saved %s", path)
+            recon_every = cfg["log"]["recon_every_epochs"]
+            if env.is_main and recon_every and epoch_end and (epoch % recon_every == 0 or step == total_steps):
+                fig = save_reconstruction(model, recon_batch, recon_noise,
+                                          out_dir / f"reconstruction_epoch{epoch:04d}.png",
+                                          f"{m['arch']} epoch {epoch}")
+                log.info("reconstruction figure: %s", fig)
+    finally:
+        bar.close()
+        metrics.close()
+
+    summary = {"output_dir": str(out_dir), "step": step, "total_steps": total_steps,
+               "checkpoint": str(ckpt.find_last_checkpoint(out_dir) or ""),
+               "metrics": str(out_dir / "metrics.jsonl"), "last": record}
+    if step >= total_steps and env.is_main:
+        summary["encoder"] = str(ckpt.export_encoder(summary["checkpoint"], cfg["export"]["which"],
+                                                     out_dir / f"encoder_{cfg['export']['which']}.pth"))
+    figs = sorted(out_dir.glob("reconstruction_epoch*.png"))
+    summary["reconstruction"] = str(figs[-1]) if figs else ""
+    barrier()
+    cleanup()
+    return summary

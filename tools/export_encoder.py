@@ -1,0 +1,38 @@
+#!/usr/bin/env python
+"""Export the encoder of a pretraining checkpoint (ours, official MAE or official RC-MAE) in timm's
+VisionTransformer key names, as ``{"model": state_dict, "meta": {...}}``.
+
+  python tools/export_encoder.py output/pretrain/checkpoint_00000100.pth encoder.pth [--which student]
+  # then: timm.create_model("vit_base_patch16_224", num_classes=0, pretrained=True,
+  #                         pretrained_cfg_overlay=dict(file="encoder.pth"))
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.checkpoint import CheckpointError, export_encoder  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("--which", default="teacher", choices=["teacher", "student", "auto"],
+                   help="teacher (default; RC-MAE transfers the teacher), student, or auto "
+                        "(teacher if the checkpoint has one, else its only model)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = export_encoder(args.checkpoint, args.which, args.output)
+    except (CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

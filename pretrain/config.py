@@ -6,10 +6,14 @@ that lists the valid ones. Values are type-checked against the default's type.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -28,6 +32,8 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _check_type(key: str, default: Any, value: Any, source: str) -> Any:
+    if isinstance(value, str) and SCIENTIFIC.fullmatch(value):  # YAML 1.1 reads "3e-4" as a string
+        value = float(value)
     if default is None or value is None:
         return value
     if isinstance(default, bool):

@@ -80,12 +80,20 @@ def validate(cfg: dict, world: int) -> int:
 
 
 def setup_logging(out_dir: Path, is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+    """Log this package to stdout and (rank 0) ``log.txt``; other loggers are left alone."""
+    logger = logging.getLogger("pretrain")
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
+    handlers = [logging.StreamHandler(sys.stdout)]
     if is_main:
-        handler = logging.FileHandler(out_dir / "log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
+        handlers.append(logging.FileHandler(out_dir / "log.txt"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
 
 
 def build_dataset(cfg: dict, out_dir: Path):

@@ -1,0 +1,129 @@
+import argparse
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from pretrain import checkpoint as ck
+from pretrain.engine import build_optimizer
+from pretrain.models import build_mae, random_masking_ids
+
+
+def micro():
+    torch.manual_seed(0)
+    return build_mae("vit_micro_patch8", 32, 32, 1, 2)
+
+
+def test_atomic_save_pointer_and_retention(tmp_path):
+    for step in (1, 2, 3, 4):
+        path = ck.save_checkpoint({"step": step}, tmp_path, step, keep=2)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["checkpoint_00000003.pth",
+                                                               "checkpoint_00000004.pth"]
+    assert ck.find_last_checkpoint(tmp_path) == path
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "last_checkpoint").write_text("checkpoint_00000009.pth\n")
+    with pytest.raises(ck.CheckpointError, match="does not exist"):
+        ck.find_last_checkpoint(tmp_path)
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    ck.save_checkpoint({"step": 1}, tmp_path, 1, keep=2)
+
+    def crash(obj, f):
+        open(f, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_checkpoint({"step": 2}, tmp_path, 2, keep=2)
+    assert ck.find_last_checkpoint(tmp_path).name == "checkpoint_00000001.pth"
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["checkpoint_00000001.pth"]
+
+
+def test_reads_official_mae_and_rcmae_formats(tmp_path):
+    model = micro()
+    sd = model.state_dict()
+    args = argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.75)
+    torch.save({"model": sd, "epoch": 3, "args": args}, tmp_path / "mae.pth")
+    mae = ck.read_checkpoint(tmp_path / "mae.pth")
+    assert mae.source == "mae" and mae.teacher is None and mae.student.keys() == sd.keys()
+    assert mae.model("auto")[0] == "student"
+    with pytest.raises(ck.CheckpointError, match="has no teacher"):
+        mae.model("teacher")
+
+    teacher = {k: v + 1 for k, v in sd.items()}
+    torch.save({"student": {f"module.{k}": v for k, v in sd.items()}, "teacher": teacher,
+                "student_without_ddp": sd, "teacher_without_ddp": teacher, "epoch": 5, "args": args},
+               tmp_path / "rcmae.pth")
+    rc = ck.read_checkpoint(tmp_path / "rcmae.pth")
+    assert rc.source == "rcmae" and set(rc.student) == set(sd)
+    assert torch.equal(rc.model("auto")[1]["cls_token"], sd["cls_token"] + 1)
+
+    torch.save({"state_dict": sd}, tmp_path / "other.pth")
+    with pytest.raises(ck.CheckpointError, match="not a pretraining checkpoint.*state_dict"):
+        ck.read_checkpoint(tmp_path / "other.pth")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        ck.read_checkpoint(tmp_path / "missing.pth")
+
+
+def test_load_state_reports_and_rejects():
+    model = micro()
+    sd = dict(micro().state_dict())
+    sd["head.weight"] = torch.zeros(3)
+    with pytest.raises(ck.CheckpointError, match=r"unexpected keys \['head.weight'\]"):
+        ck.load_state(model, sd, "x")
+    sd.pop("head.weight")
+    sd["blocks.0.mlp.fc1.weight"] = torch.zeros(5, 5)
+    with pytest.raises(ck.CheckpointError, match="shape mismatch.*blocks.0.mlp.fc1.weight"):
+        ck.load_state(model, sd, "x")
+    sd = {k: v for k, v in micro().state_dict().items() if not k.startswith("decoder")}
+    with pytest.raises(ck.CheckpointError, match="missing keys"):
+        ck.load_state(model, sd, "x")
+    report = ck.load_state(model, sd, "x", allow_missing=True)
+    assert "decoder_pred.weight" in report.missing and "blocks.0.attn.qkv.weight" in report.loaded
+
+
+def test_official_optimizer_state_is_remapped_by_name():
+    model = micro()
+    names = ck.mae_param_order(list(model.named_parameters()))
+    params = dict(model.named_parameters())
+    # an "official" optimizer: parameters in MAE's order, state tagged with each parameter's index
+    official = torch.optim.AdamW([params[n] for n in names])
+    official_sd = official.state_dict()
+    official_sd["state"] = {i: {"step": torch.tensor(7.0), "exp_avg": torch.full_like(params[n], i),
+                                "exp_avg_sq": torch.ones_like(params[n])}
+                            for i, n in enumerate(names)}
+    ours, our_names = build_optimizer(model, 0.05, (0.9, 0.95), "cpu")
+    assert our_names != names  # cls/mask tokens change group: the order differs
+    remapped = ck.remap_optimizer_state(official_sd, names, our_names, ours.state_dict())
+    ours.load_state_dict(remapped)
+    for n in names:
+        assert torch.all(ours.state[params[n]]["exp_avg"] == names.index(n)), n
+
+
+def test_exported_encoder_loads_into_timm_and_matches(tmp_path):
+    model = micro()
+    torch.save({"format": ck.FORMAT, "student": model.state_dict(),
+                "teacher": {k: v * 0 for k, v in model.state_dict().items()}},
+               tmp_path / "ours.pth")
+    ck.export_encoder(tmp_path / "ours.pth", "student", tmp_path / "enc.pth")
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                            num_classes=0)
+    vit.load_state_dict(torch.load(tmp_path / "enc.pth", weights_only=True)["model"])  # strict
+    imgs = torch.randn(2, 3, 32, 32)
+    ids_keep, _, _ = random_masking_ids(torch.arange(16.0).expand(2, -1), 0.0)  # keep all, in order
+    torch.testing.assert_close(model.forward_encoder(imgs, ids_keep), vit.forward_features(imgs))
+    ck.export_encoder(tmp_path / "ours.pth", "teacher", tmp_path / "enc_t.pth")
+    assert torch.all(torch.load(tmp_path / "enc_t.pth", weights_only=True)["model"]["cls_token"] == 0)
+
+
+def test_timm_create_model_by_name_loads_export(tmp_path):
+    torch.manual_seed(0)
+    model = build_mae("vit_tiny_patch16", 224, 32, 1, 2)
+    torch.save({"model": model.state_dict()}, tmp_path / "mae_full.pth")
+    out = ck.export_encoder(tmp_path / "mae_full.pth", "auto", tmp_path / "enc.pth")
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(out)))
+    torch.testing.assert_close(vit.blocks[3].attn.qkv.weight, model.blocks[3].attn.qkv.weight)
+    torch.testing.assert_close(vit.pos_embed, model.pos_embed)

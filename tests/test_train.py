@@ -1,0 +1,112 @@
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from pretrain.checkpoint import find_last_checkpoint, list_checkpoints, read_checkpoint
+from pretrain.train import NonFiniteLossError, main
+
+from conftest import micro_config
+
+
+def weights(out_dir):
+    return torch.load(find_last_checkpoint(out_dir), map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b, exact=True):
+    for part in ("student", "teacher"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            if exact:
+                assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+            else:
+                torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6)
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_exact(micro_cfg, tmp_path):
+    straight = main(micro_cfg(out="straight"))
+    assert straight["step"] == 12
+    main(micro_cfg("train.stop_at_step=5", out="split"))
+    assert read_checkpoint(find_last_checkpoint(tmp_path / "split")).raw["step"] == 5
+    resumed = main(micro_cfg(out="split"))  # auto-resume from the output dir
+    assert resumed["step"] == 12
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert_same_state(a, b)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # the momentum schedule continued on the global step after the resume
+    m = {r["step"]: r["momentum"] for r in metrics(tmp_path / "split")}
+    m_straight = {r["step"]: r["momentum"] for r in metrics(tmp_path / "straight")}
+    assert m[6] == m_straight[6] and 0.996 < m[6] < 1
+    assert len(list_checkpoints(tmp_path / "split")) == 2  # retention: keep = 2
+
+
+def test_gradient_accumulation_matches_full_batch(micro_cfg, tmp_path):
+    main(micro_cfg("optim.epochs=1", out="full"))
+    main(micro_cfg("optim.epochs=1", "train.micro_batch=4", out="accum"))
+    assert_same_state(weights(tmp_path / "full"), weights(tmp_path / "accum"), exact=False)
+
+
+def _ddp_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    main(micro_config(out_dir, ["optim.epochs=1", "train.micro_batch=4"]))
+
+
+def test_two_process_ddp_matches_one_process(micro_cfg, tmp_path):
+    main(micro_cfg("optim.epochs=1", out="single"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp")), nprocs=2, join=True)
+    single, ddp = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert single["step"] == ddp["step"] == 4
+    assert_same_state(single, ddp, exact=False)
+    assert metrics(tmp_path / "ddp")[-1]["loss"] == pytest.approx(
+        metrics(tmp_path / "single")[-1]["loss"], rel=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(micro_cfg, tmp_path):
+    cfg = micro_cfg("optim.lr=1e12", "optim.warmup_epochs=0", "checkpoint.every_steps=1",
+                    "log.every_steps=100", out="nan")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at iteration \d+") as e:
+        main(cfg)
+    bad_step = int(str(e.value).split("iteration ")[1].split()[0])
+    last = weights(tmp_path / "nan")
+    assert last["step"] <= bad_step  # saved before the bad step ran
+    assert all(torch.isfinite(v).all() for v in last["student"].values())
+
+
+def test_corrupt_images_are_skipped_and_counted(micro_cfg, tmp_path):
+    root = tmp_path / "images"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (40, 40), (i * 30, 60, 90)).save(root / cls / f"{i}.jpg")
+    (root / "a" / "3.jpg").write_bytes(b"not a jpeg at all")
+    (root / "b" / "5.jpg").write_bytes(b"")
+    cfg = micro_cfg("data.source=folder", f"data.path={root}", "optim.epochs=1", "log.every_steps=1",
+                    out="corrupt")
+    assert main(cfg)["step"] == 2
+    assert sum(r["skipped_images"] for r in metrics(tmp_path / "corrupt")) == 2
+
+
+def test_init_from_encoder_only_checkpoint_reports_missing(micro_cfg, tmp_path, capsys):
+    main(micro_cfg("optim.epochs=1", out="src"))
+    ck = read_checkpoint(find_last_checkpoint(tmp_path / "src"))
+    enc = {k: v for k, v in ck.student.items() if not k.startswith(("decoder", "mask_token"))}
+    torch.save({"model": enc}, tmp_path / "mae_encoder.pth")
+    capsys.readouterr()
+    main(micro_cfg("optim.epochs=1", f"train.init={tmp_path / 'mae_encoder.pth'}", out="init"))
+    out = capsys.readouterr().out
+    assert "init student: loaded 30 tensors; missing (left at init)" in out
+    assert "decoder_pred.weight" in out

@@ -131,7 +131,8 @@ def main(argv=None) -> dict:
     amp_dtype = AMP_DTYPES[precision]
     torch.backends.cuda.matmul.allow_tf32 = True  # as training sets them
     torch.backends.cudnn.allow_tf32 = True
-    name = torch.cuda.get_device_name(device) if device_type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name(device) if device_type == "cuda"
+            else f"cpu x{torch.get_num_threads()} threads")
 
     peak = matmul_peak_tflops(device, amp_dtype)
     results = [bench_gamma(args, float(g), device, amp_dtype, peak) for g in args.gamma_values.split(",")]
@@ -142,7 +143,8 @@ def main(argv=None) -> dict:
           f"{'MFU':>7}{'mem GiB':>9}  memory")
     for r in results:
         print(f"{r['mode']:<7}{r['gamma']:>6g}{r['img_per_s']:>10.1f}{r['step_ms']:>10.1f}"
-              f"{r['gflop_per_step']:>12.4g}{r['tflops']:>9.3g}{r['mfu']:>7.1%}{r['mem_gib']:>9.2f}  {r['mem_kind']}")
+              f"{r['gflop_per_step']:>12.4g}{r['tflops']:>9.3g}{r['mfu']:>7.1%}{r['mem_gib']:>9.2f}"
+              f"  {r['mem_kind']}")
     by_mode = {r["mode"]: r for r in results}
     overhead = None
     if {"RC-MAE", "MAE"} <= by_mode.keys():

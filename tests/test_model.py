@@ -150,3 +150,14 @@ def test_no_weight_decay_on_biases_norms_pos_and_tokens():
     decay = set(names) - no_decay
     assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"} <= decay
     assert groups[0]["weight_decay"] == 0.0 and groups[1]["weight_decay"] == 0.05
+
+
+def test_different_mask_variant_gives_teacher_its_own_mask():
+    model = RCMAE(micro(), 0.75, gamma=1.0, teacher_mask="different")
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 2, 16)
+    # at init the teacher equals the student: only a different mask makes the predictions differ
+    assert model(imgs, noise)["consistency"].item() > 0
+    same = torch.stack([noise[0], noise[0]])
+    assert model(imgs, same)["consistency"].item() == 0.0
+    with pytest.raises(ValueError, match="teacher_mask"):
+        RCMAE(micro(), 0.75, 1.0, teacher_mask="random")

@@ -110,3 +110,36 @@ def test_init_from_encoder_only_checkpoint_reports_missing(micro_cfg, tmp_path, 
     out = capsys.readouterr().out
     assert "init student: loaded 30 tensors; missing (left at init)" in out
     assert "decoder_pred.weight" in out
+
+
+def test_resume_from_official_rcmae_checkpoint(micro_cfg, tmp_path):
+    """An official RC-MAE file (module. prefixes, MAE optimizer order, epoch) resumes at the next epoch."""
+    main(micro_cfg("optim.epochs=1", out="src"))
+    ours = read_checkpoint(find_last_checkpoint(tmp_path / "src")).raw
+    names = ours["optimizer_param_names"]
+    from pretrain.checkpoint import mae_param_order
+    from pretrain.models import build_mae
+    official_order = mae_param_order(list(build_mae("vit_micro_patch8", 32, 32, 1, 2).named_parameters()))
+    opt = ours["optimizer"]
+    flat = [i for g in opt["param_groups"] for i in g["params"]]
+    by_name = {n: opt["state"][i] for n, i in zip(names, flat)}
+    official_opt = {"state": {i: by_name[n] for i, n in enumerate(official_order)},
+                    "param_groups": [{**opt["param_groups"][0], "params": list(range(len(official_order)))}]}
+    torch.save({"student": {f"module.{k}": v for k, v in ours["student"].items()},
+                "teacher": ours["teacher"], "optimizer": official_opt, "epoch": 0, "scaler": None},
+               tmp_path / "official.pth")
+    out = main(micro_cfg("optim.epochs=2", f"train.resume={tmp_path / 'official.pth'}", out="cont"))
+    assert out["step"] == 8
+    # same as continuing our own checkpoint
+    main(micro_cfg("optim.epochs=2", f"train.resume={find_last_checkpoint(tmp_path / 'src')}", out="ref"))
+    assert_same_state(weights(tmp_path / "cont"), weights(tmp_path / "ref"))
+
+
+def test_tensorboard_and_reconstruction_figure(micro_cfg, tmp_path):
+    out = main(micro_cfg("optim.epochs=1", "log.tensorboard=true", "log.recon_every_epochs=1",
+                         "log.recon_images=2", out="tb"))
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert out["reconstruction"].endswith("reconstruction_epoch0001.png")
+    assert Image.open(out["reconstruction"]).size[0] > 200
+    rec = metrics(tmp_path / "tb")[-1]
+    assert {"loss", "recon", "consistency", "lr", "momentum", "img_per_s", "mem_gb"} <= rec.keys()

@@ -1,0 +1,108 @@
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import find_last_checkpoint, read_checkpoint
+from pretrain.distributed import DistEnv, env_from_variables
+from pretrain.launcher import add_launch_args, launch
+from pretrain.train import main
+
+from conftest import ROOT, micro_config
+
+sys.path.append(str(ROOT / "tools"))
+import export_encoder as export_tool  # noqa: E402
+
+
+def run_tool(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_rank_layout_from_torchrun_and_slurm_variables():
+    assert env_from_variables({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})[0] == DistEnv(5, 8, 1)
+    layout, extra = env_from_variables({"SLURM_PROCID": "11", "SLURM_NTASKS": "32", "SLURM_LOCALID": "3",
+                                        "MASTER_ADDR": "node7", "SLURM_JOB_ID": "123"})
+    assert layout == DistEnv(11, 32, 3) and extra == {"MASTER_ADDR": "node7", "MASTER_PORT": "20123"}
+    # torchrun inside a SLURM allocation wins; one SLURM task is a single process
+    assert env_from_variables({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "0",
+                               "SLURM_NTASKS": "4"})[0] == DistEnv(0, 2, 0)
+    assert env_from_variables({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})[0] == DistEnv()
+
+
+def test_slurm_dry_run_prints_the_job():
+    res = run_tool("--config-file", "configs/pretrain/rcmae_vit_base.yaml", "--slurm", "--nodes", "4",
+                   "--gpus-per-node", "8", "--partition", "gpu", "--timeout", "4320", "--dry-run",
+                   "data.path=/data/imagenet/train")
+    assert res.returncode == 0, res.stderr
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=4320", "#SBATCH --signal=USR2@120"):
+        assert line in res.stdout
+    assert "submitit.core._submit" in res.stdout
+
+
+def test_unknown_key_on_the_command_line_is_a_clear_error():
+    res = run_tool("optim.lr_base=1")
+    assert res.returncode != 0
+    assert "unknown key 'optim.lr_base'" in res.stderr and "optim.base_lr" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_submitit_local_requeue_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    overrides = ["optim.epochs=25", "checkpoint.every_steps=1", "checkpoint.keep=3", "log.every_steps=1"]
+    args = launcher_args(["--slurm", "--local", "--timeout", "10"])
+    job = launch(main, micro_config(tmp_path / "run", overrides), args, "test")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        last = find_last_checkpoint(tmp_path / "run") if (tmp_path / "run").exists() else None
+        if last is not None and int(re.findall(r"\d+", last.name)[0]) >= 3:
+            break
+        time.sleep(0.05)
+    # SIGUSR2 to the task, as SLURM sends before a preemption or timeout; submitit's handler calls
+    # Job.checkpoint() and the local controller requeues the task
+    controller = job._process.pid
+    tasks = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+    assert len(tasks) == 1
+    os.kill(int(tasks[0]), signal.SIGUSR2)
+    result = job.result()
+    assert result["step"] == 100
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "resuming from" in log, "the requeued job did not resume"
+    straight = main(micro_config(tmp_path / "straight", ["optim.epochs=25"]))
+    a = read_checkpoint(find_last_checkpoint(tmp_path / "run")).raw
+    b = read_checkpoint(straight["checkpoint"]).raw
+    for part in ("student", "teacher"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+
+def launcher_args(argv):
+    p = argparse.ArgumentParser()
+    add_launch_args(p)
+    return p.parse_args(argv)
+
+
+@pytest.mark.slow
+def test_demo_cli_end_to_end_and_export(tmp_path):
+    res = run_tool("optim.epochs=4", f"train.output_dir={tmp_path / 'demo'}", "log.recon_every_epochs=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "demo"
+    for name in ("checkpoint_00000016.pth", "encoder_teacher.pth", "metrics.jsonl", "config.yaml",
+                 "reconstruction_epoch0004.png", "log.txt"):
+        assert (out / name).is_file(), name
+        assert str(out / name) in res.stdout or name in ("config.yaml", "log.txt",
+                                                        "checkpoint_00000016.pth")
+    assert len(list((out / "demo_data").rglob("*.jpg"))) == 8 * 16
+    export_tool.main([str(out / "checkpoint_00000016.pth"), str(tmp_path / "student.pth"),
+                      "--which", "student"])
+    enc = torch.load(tmp_path / "student.pth", weights_only=True)
+    assert enc["meta"]["which"] == "student" and "blocks.0.attn.qkv.weight" in enc["model"]
+    assert not any(k.startswith(("decoder", "mask_token")) for k in enc["model"])

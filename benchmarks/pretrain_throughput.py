@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pretrain.engine import TrainStep, build_optimizer, mask_noise  # noqa: E402
 from pretrain.models import ARCHS, build_mae  # noqa: E402
 from pretrain.rcmae import RCMAE  # noqa: E402
-from pretrain.train import AMP_DTYPES, DEFAULTS  # noqa: E402
+from pretrain.train import AMP_DTYPES, DEFAULTS, resolve_precision  # noqa: E402
 
 OPTIM = DEFAULTS["optim"]
 SEED = 0
@@ -127,10 +127,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     device = torch.device(device_type)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    amp_dtype = AMP_DTYPES[precision]
-    torch.backends.cuda.matmul.allow_tf32 = True  # as training sets them
-    torch.backends.cudnn.allow_tf32 = True
+    precision, amp_dtype = resolve_precision(args.precision, device_type)
     name = (torch.cuda.get_device_name(device) if device_type == "cuda"
             else f"cpu x{torch.get_num_threads()} threads")
 

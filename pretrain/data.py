@@ -144,7 +144,7 @@ class GlobalBatchSampler(Sampler):
             step = (epoch + 1) * self.steps_per_epoch
 
 
-def build_demo_folder(root: str | Path, crops_per_photo: int = 16, size: int = 96,
+def build_demo_folder(root: str | Path, crops_per_photo: int = 32, size: int = 96,
                       seed: int = 0) -> Path:
     """ImageFolder tree of JPEG crops of the photos that ship with scikit-image.
 

@@ -14,9 +14,11 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-# Encoder sizes; `timm_name` is the timm model an exported encoder loads into (224 px input).
+# Encoder sizes (micro: tests, mini: the CPU demo); `timm_name` is the timm model an exported
+# encoder loads into (224 px input).
 ARCHS = {
     "vit_micro_patch8": dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, timm_name=None),
+    "vit_mini_patch8": dict(patch_size=8, embed_dim=128, depth=4, num_heads=4, timm_name=None),
     "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
                              timm_name="vit_tiny_patch16_224"),
     "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,

@@ -79,6 +79,15 @@ def validate(cfg: dict, world: int) -> int:
     return o["batch_size"] // per_step
 
 
+def resolve_precision(precision: str, device_type: str) -> tuple[str, torch.dtype | None]:
+    """``auto`` is bf16 on GPU and fp32 on CPU; fp32 matmuls may use TF32 on GPU."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    return precision, AMP_DTYPES[precision]
+
+
 def setup_logging(out_dir: Path, is_main: bool) -> None:
     """Log this package to stdout and (rank 0) ``log.txt``; other loggers are left alone."""
     logger = logging.getLogger("pretrain")
@@ -165,7 +174,8 @@ def restore(cfg: dict, model: RCMAE, optimizer, param_names, scaler, steps_per_e
 class MetricLogger:
     """Accumulates step metrics on the device and reduces them every few steps (one host sync)."""
 
-    KEYS = ("loss", "recon", "consistency", "skipped_images")
+    KEYS = ("loss", "recon", "consistency")
+    NO_BAD_STEP = 2 ** 62
 
     def __init__(self, device, out_dir: Path | None, tensorboard: bool):
         self.device = device
@@ -177,36 +187,38 @@ class MetricLogger:
         self._reset()
 
     def _reset(self):
-        self.sums = torch.zeros(len(self.KEYS) + 1, device=self.device)  # + step count
-        self.first_bad = torch.full((), 2 ** 62, dtype=torch.long, device=self.device)
-        self.t0, self.images = time.perf_counter(), 0
+        self.sums = torch.zeros(len(self.KEYS), device=self.device)
+        self.first_bad = torch.full((), self.NO_BAD_STEP, dtype=torch.long, device=self.device)
+        self.steps, self.skipped, self.images, self.t0 = 0, 0, 0, time.perf_counter()
 
-    def add(self, step: int, sums: dict, micro_steps: int, skipped: torch.Tensor, images: int):
-        values = [sums.get(k, torch.zeros((), device=self.device)) / micro_steps
-                  for k in self.KEYS[:-1]]
-        row = torch.stack([*values, skipped.to(self.device, torch.float32),
-                           torch.ones((), device=self.device)])
+    def add(self, step: int, sums: dict, micro_steps: int, skipped: int, images: int):
+        zero = torch.zeros((), device=self.device)
+        row = torch.stack([sums.get(k, zero) for k in self.KEYS]) / micro_steps
         self.sums += row
-        bad = ~torch.isfinite(row[0])
-        self.first_bad = torch.where(bad, torch.minimum(self.first_bad, torch.tensor(
-            step, device=self.device)), self.first_bad)
+        # remember the first non-finite step without asking the device (no sync)
+        self.first_bad = torch.minimum(
+            self.first_bad, torch.where(torch.isfinite(row[0]), self.NO_BAD_STEP, step))
+        self.steps += 1
+        self.skipped += skipped
         self.images += images
 
     def flush(self, step: int, epoch: float, lr: float, momentum: float, is_main: bool) -> dict:
         """Reduce over processes; raise if a loss was not finite; write the log line."""
         world = world_size()
-        totals = all_reduce(self.sums.clone())
+        totals = all_reduce(torch.cat([self.sums, torch.tensor(
+            [self.steps, self.skipped], dtype=torch.float32, device=self.device)]))
         first_bad = int(all_reduce(self.first_bad.clone(), dist.ReduceOp.MIN).item())
-        if first_bad < 2 ** 62:
+        if first_bad < self.NO_BAD_STEP:
             raise NonFiniteLossError(
                 f"non-finite loss at iteration {first_bad} (global step, 0-based): stopping. "
                 "The last checkpoint holds the last good weights; lower the learning rate, "
                 "enable optim.clip_grad or use train.precision=bf16.")
-        n = max(totals[-1].item(), 1)  # steps x processes
+        values = totals.tolist()
+        steps = max(values[-2], 1)  # steps x processes
         elapsed = time.perf_counter() - self.t0
         record = {"step": step, "epoch": round(epoch, 4), "lr": lr, "momentum": momentum}
-        for k, v in zip(self.KEYS, totals[:-1].tolist()):
-            record[k] = v if k == "skipped_images" else v / n
+        record.update({k: v / steps for k, v in zip(self.KEYS, values)})
+        record["skipped_images"] = int(values[-1])
         record["img_per_s"] = self.images * world / elapsed if elapsed > 0 else 0.0
         record["mem_gb"] = (torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
@@ -243,10 +255,7 @@ def main(cfg: dict) -> dict:
     setup_logging(out_dir, env.is_main)
     if env.is_main:
         save_config(cfg, out_dir / "config.yaml")
-    precision = t["precision"] if t["precision"] != "auto" else ("bf16" if device_type == "cuda" else "fp32")
-    amp_dtype = AMP_DTYPES[precision]
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    precision, amp_dtype = resolve_precision(t["precision"], device_type)
 
     m, o = cfg["model"], cfg["optim"]
     torch.manual_seed(t["seed"])  # identical initial weights on every rank
@@ -280,8 +289,9 @@ def main(cfg: dict) -> dict:
     loader = DataLoader(dataset, batch_size=t["micro_batch"], sampler=sampler, num_workers=workers,
                         pin_memory=device_type == "cuda", drop_last=True,
                         persistent_workers=workers > 0)
-    recon_batch = torch.stack([dataset[(i, i)][0] for i in range(min(cfg["log"]["recon_images"],
-                                                                      len(dataset)))]).to(device)
+    n_recon = min(cfg["log"]["recon_images"], len(dataset))  # spread over the (sorted) folders
+    recon_batch = torch.stack([dataset[(i * len(dataset) // n_recon, i)][0]
+                               for i in range(n_recon)]).to(device)
     recon_noise = mask_noise(t["seed"] + 1, 0, len(recon_batch), model.student.num_patches, device,
                              model.teacher_mask == "different")
     log.info("model %s (%.1fM student params), teacher: %s, %d process(es), micro-batch %d x accum %d "
@@ -315,13 +325,13 @@ def main(cfg: dict) -> dict:
             momentum = momentum_at(step, total_steps, cfg["rcmae"]["momentum"])
             noise = mask_noise(t["seed"], step, global_batch, model.student.num_patches, device,
                                model.teacher_mask == "different")
-            micro, skipped = [], torch.zeros(())
+            micro, skipped = [], 0
             for k in range(accum):
                 imgs, n_skipped = next(batches)
                 first = (k * env.world_size + env.rank) * t["micro_batch"]
                 micro.append((imgs.to(device, non_blocking=True),
                               noise[..., first:first + t["micro_batch"], :]))
-                skipped = skipped + n_skipped.sum()
+                skipped += int(n_skipped.sum())  # a CPU tensor: no device sync
             sums = step_fn(micro, lr, momentum)
             metrics.add(step, sums, accum, skipped, accum * t["micro_batch"])
             step += 1

@@ -95,13 +95,13 @@ def test_demo_cli_end_to_end_and_export(tmp_path):
     res = run_tool("optim.epochs=4", f"train.output_dir={tmp_path / 'demo'}", "log.recon_every_epochs=2")
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "demo"
-    for name in ("checkpoint_00000016.pth", "encoder_teacher.pth", "metrics.jsonl", "config.yaml",
+    for name in ("checkpoint_00000032.pth", "encoder_teacher.pth", "metrics.jsonl", "config.yaml",
                  "reconstruction_epoch0004.png", "log.txt"):
         assert (out / name).is_file(), name
         assert str(out / name) in res.stdout or name in ("config.yaml", "log.txt",
-                                                        "checkpoint_00000016.pth")
-    assert len(list((out / "demo_data").rglob("*.jpg"))) == 8 * 16
-    export_tool.main([str(out / "checkpoint_00000016.pth"), str(tmp_path / "student.pth"),
+                                                        "checkpoint_00000032.pth")
+    assert len(list((out / "demo_data").rglob("*.jpg"))) == 8 * 32
+    export_tool.main([str(out / "checkpoint_00000032.pth"), str(tmp_path / "student.pth"),
                       "--which", "student"])
     enc = torch.load(tmp_path / "student.pth", weights_only=True)
     assert enc["meta"]["which"] == "student" and "blocks.0.attn.qkv.weight" in enc["model"]

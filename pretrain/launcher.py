@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -114,5 +113,4 @@ def launch(main: Callable[[dict], dict], cfg: dict, args: argparse.Namespace, na
     executor.update_parameters(**params)
     job = executor.submit(Job(main, cfg))
     print(f"submitted job {job.job_id}: logs in {folder / job.job_id}, outputs in {out_dir}")
-    os.makedirs(out_dir, exist_ok=True)
     return job

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, save_config
+from .config import ConfigError, flatten, save_config
 from .data import (GlobalBatchSampler, SeededImages, SyntheticImages, build_demo_folder,
                    list_images, pretrain_transform)
 from .distributed import (all_gather_objects, all_reduce, barrier, cleanup, init_distributed,
@@ -105,11 +105,16 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
         logger.addHandler(handler)
 
 
-def build_dataset(cfg: dict, out_dir: Path):
+def build_dataset(cfg: dict, out_dir: Path, is_main: bool):
     d, size = cfg["data"], cfg["model"]["img_size"]
     if d["source"] == "synthetic":
         return SyntheticImages(d["synthetic_size"], size)
-    root = build_demo_folder(out_dir / "demo_data") if d["source"] == "demo" else d["path"]
+    root = d["path"]
+    if d["source"] == "demo":
+        root = out_dir / "demo_data"
+        if is_main:
+            build_demo_folder(root)
+        barrier()
     return SeededImages(list_images(root), pretrain_transform(size, d["crop_min_scale"]))
 
 
@@ -131,6 +136,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def warn_config_changes(saved: dict, cfg: dict) -> None:
+    """Resuming with another recipe is allowed (e.g. more epochs) but never silent."""
+    old, new = flatten(saved), flatten(cfg)
+    changed = {k: (old.get(k), new[k]) for k in new
+               if old.get(k) != new[k] and not k.startswith(("train.", "log.", "checkpoint."))}
+    if changed:
+        log.warning("resuming with a config that differs from the checkpoint's: %s",
+                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
 def restore(cfg: dict, model: RCMAE, optimizer, param_names, scaler, steps_per_epoch: int,
             out_dir: Path, rank: int) -> int:
     """Resume (auto / a file) or initialise from a checkpoint; returns the first step to run."""
@@ -148,6 +163,7 @@ def restore(cfg: dict, model: RCMAE, optimizer, param_names, scaler, steps_per_e
             ckpt.load_state(model.teacher, c.teacher if c.teacher is not None else c.student,
                             f"{path} teacher" if c.teacher is not None else f"{path} student (as teacher)")
         if c.source == "ours":
+            warn_config_changes(c.raw["config"], cfg)
             optimizer.load_state_dict(c.raw["optimizer"])
             step = c.raw["step"]
             rngs = c.raw["rng"]
@@ -174,11 +190,11 @@ def restore(cfg: dict, model: RCMAE, optimizer, param_names, scaler, steps_per_e
 class MetricLogger:
     """Accumulates step metrics on the device and reduces them every few steps (one host sync)."""
 
-    KEYS = ("loss", "recon", "consistency")
+    KEYS = ("loss", "recon", "consistency", "grad_norm")  # grad_norm: with optim.clip_grad only
     NO_BAD_STEP = 2 ** 62
 
-    def __init__(self, device, out_dir: Path | None, tensorboard: bool):
-        self.device = device
+    def __init__(self, device, out_dir: Path | None, tensorboard: bool, log_grad_norm: bool):
+        self.device, self.log_grad_norm = device, log_grad_norm
         self.jsonl = open(out_dir / "metrics.jsonl", "a") if out_dir else None
         self.tb = None
         if tensorboard and out_dir:
@@ -193,7 +209,8 @@ class MetricLogger:
 
     def add(self, step: int, sums: dict, micro_steps: int, skipped: int, images: int):
         zero = torch.zeros((), device=self.device)
-        row = torch.stack([sums.get(k, zero) for k in self.KEYS]) / micro_steps
+        row = torch.stack([sums.get(k, zero) / (1 if k == "grad_norm" else micro_steps)
+                           for k in self.KEYS])
         self.sums += row
         # remember the first non-finite step without asking the device (no sync)
         self.first_bad = torch.minimum(
@@ -217,7 +234,8 @@ class MetricLogger:
         steps = max(values[-2], 1)  # steps x processes
         elapsed = time.perf_counter() - self.t0
         record = {"step": step, "epoch": round(epoch, 4), "lr": lr, "momentum": momentum}
-        record.update({k: v / steps for k, v in zip(self.KEYS, values)})
+        record.update({k: v / steps for k, v in zip(self.KEYS, values)
+                       if k != "grad_norm" or self.log_grad_norm})
         record["skipped_images"] = int(values[-1])
         record["img_per_s"] = self.images * world / elapsed if elapsed > 0 else 0.0
         record["mem_gb"] = (torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda"
@@ -265,7 +283,7 @@ def main(cfg: dict) -> dict:
     optimizer, param_names = build_optimizer(model.student, o["weight_decay"], o["betas"], device_type)
     scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
 
-    dataset = build_dataset(cfg, out_dir)
+    dataset = build_dataset(cfg, out_dir, env.is_main)
     global_batch = o["batch_size"]
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
@@ -300,7 +318,8 @@ def main(cfg: dict) -> dict:
              "EMA" if model.teacher is not None else "none (MAE)", env.world_size, t["micro_batch"],
              accum, global_batch, steps_per_epoch, total_steps, peak_lr, precision, device)
 
-    metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"])
+    metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
+                           bool(o["clip_grad"]))
     bar = tqdm(total=total_steps, initial=start_step, disable=not env.is_main, unit="step",
                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     batches = iter(loader)

@@ -51,8 +51,15 @@ def test_slurm_dry_run_prints_the_job():
 def test_unknown_key_on_the_command_line_is_a_clear_error():
     res = run_tool("optim.lr_base=1")
     assert res.returncode != 0
-    assert "unknown key 'optim.lr_base'" in res.stderr and "optim.base_lr" in res.stderr
+    assert "error: command line: unknown key 'optim.lr_base'" in res.stderr and "optim.base_lr" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    res = run_tool("--config-file", "configs/pretrain/demo.yaml", "data.source=folder",
+                   f"data.path={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'out'}")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert f"data.path: image folder {tmp_path / 'nope'} does not exist" in res.stderr
 
 
 @pytest.mark.slow

@@ -143,3 +143,14 @@ def test_tensorboard_and_reconstruction_figure(micro_cfg, tmp_path):
     assert Image.open(out["reconstruction"]).size[0] > 200
     rec = metrics(tmp_path / "tb")[-1]
     assert {"loss", "recon", "consistency", "lr", "momentum", "img_per_s", "mem_gb"} <= rec.keys()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_clipping_run(micro_cfg, tmp_path, precision):
+    out = main(micro_cfg("optim.epochs=1", f"train.precision={precision}", "optim.clip_grad=1.0",
+                         out=precision))
+    rec = metrics(tmp_path / precision)[-1]
+    assert out["step"] == 4 and 0 < rec["loss"] < 10 and rec["grad_norm"] > 0
+    state = weights(tmp_path / precision)
+    assert (state["scaler"] is not None) == (precision == "fp16")
+    assert all(v.dtype == torch.float32 for v in state["student"].values())  # master weights stay fp32

@@ -14,9 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from pretrain.checkpoint import CheckpointError  # noqa: E402
 from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.launcher import add_launch_args, launch  # noqa: E402
-from pretrain.train import DEFAULTS, main  # noqa: E402
+from pretrain.train import DEFAULTS, NonFiniteLossError, main  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
 
@@ -45,9 +46,9 @@ def run(argv=None):
         overrides.append("train.resume=none")
     try:
         cfg = load_config(DEFAULTS, args.config_file or DEMO, overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    result = launch(main, cfg, args, name="rcmae-pretrain")
+        result = launch(main, cfg, args, name="rcmae-pretrain")
+    except (ConfigError, CheckpointError, FileNotFoundError, NonFiniteLossError) as e:
+        sys.exit(f"error: {e}")
     if isinstance(result, dict):
         print("\ndone. outputs:")
         for key in ("output_dir", "checkpoint", "encoder", "metrics", "reconstruction"):

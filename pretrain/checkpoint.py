@@ -1,5 +1,5 @@
-"""Checkpoints: atomic writes with a ``last_checkpoint`` pointer and retention, readers for our own and
-the official MAE / RC-MAE formats, strict-by-default state loading with a report, encoder export.
+"""Checkpoints: atomic writes with a ``last_checkpoint`` pointer and retention, readers for our own,
+the official MAE / RC-MAE and timm formats, strict-by-default state loading with a report, encoder export.
 
 Our format (``format = "rcmae-toolkit/1"``)::
 
@@ -24,6 +24,7 @@ from .models import is_encoder_key
 log = logging.getLogger(__name__)
 
 FORMAT = "rcmae-toolkit/1"
+CLASSIFIER_FORMAT = "rcmae-toolkit/classifier/1"
 POINTER = "last_checkpoint"
 FIXED_KEYS = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos: recomputed, never learned
 
@@ -74,7 +75,7 @@ def find_last_checkpoint(out_dir: str | Path) -> Path | None:
 class PretrainCheckpoint:
     """A pretraining checkpoint of any supported origin, keys normalised to our names."""
     path: str
-    source: str  # "ours" | "mae" | "rcmae"
+    source: str  # "ours" | "ours-classifier" | "mae" | "rcmae" | "timm"
     student: dict
     teacher: dict | None
     raw: dict = field(repr=False)
@@ -123,10 +124,17 @@ def read_checkpoint(path: str | Path) -> PretrainCheckpoint:
     if "student" in raw and "teacher" in raw:
         return PretrainCheckpoint(str(path), "rcmae", strip_prefix(raw["student"]),
                                   strip_prefix(raw["teacher"]), raw)
+    if raw.get("format") == CLASSIFIER_FORMAT:
+        return PretrainCheckpoint(str(path), "ours-classifier", raw["model"], None, raw)
     if "model" in raw:
         return PretrainCheckpoint(str(path), "mae", strip_prefix(raw["model"]), None, raw)
-    raise CheckpointError(f"{path}: not a pretraining checkpoint (expected our format, RC-MAE's "
-                          f"'student'/'teacher' or MAE's 'model'); top-level keys: {sorted(raw)}")
+    if isinstance(raw.get("state_dict"), dict):
+        return PretrainCheckpoint(str(path), "timm", strip_prefix(raw["state_dict"]), None, raw)
+    if raw and all(isinstance(v, torch.Tensor) for v in raw.values()):  # a bare state dict (timm)
+        return PretrainCheckpoint(str(path), "timm", strip_prefix(raw), None, raw)
+    raise CheckpointError(f"{path}: not a ViT checkpoint (expected ours, RC-MAE's 'student'/'teacher', "
+                          f"MAE's 'model', timm's 'state_dict' or a bare state dict); "
+                          f"top-level keys: {sorted(raw)[:20]}")
 
 
 @dataclass

@@ -5,7 +5,9 @@ depend on the number of processes, data-loader workers, or where a run was resum
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,22 @@ DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle",
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed torch, numpy and ``random`` (torchvision and timm augmentations draw from all three)
+    for the duration of the block, then restore the previous states."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def pretrain_transform(img_size: int, min_scale: float):
@@ -54,17 +72,22 @@ def list_images(root: str | Path) -> list[str]:
 class SeededImages(Dataset):
     """Images read from ``paths``, indexed by ``(index, seed)`` pairs from :class:`GlobalBatchSampler`.
 
-    An unreadable or corrupt file is replaced by the next readable one in the list; each item
-    returns how many files were skipped, so the training log can count them.
+    Items are ``(image, label, skipped)`` (label -1 without ``labels``). For training, an unreadable
+    or corrupt file is replaced by the next readable one in the list (with its label); ``skipped``
+    counts the files passed over, so the training log can report them. For evaluation
+    (``replace_unreadable=False``) it comes back as a blank image with label -1 and ``skipped=1``:
+    counted apart, never as another image.
     """
 
     max_skips = 50
 
-    def __init__(self, paths: list[str], transform):
+    def __init__(self, paths: list[str], transform, labels: list[int] | None = None,
+                 replace_unreadable: bool = True):
         if not paths:
-            raise ValueError("no images to train on")
-        self.paths = paths
-        self.transform = transform
+            raise ValueError("no images in the dataset")
+        self.paths, self.transform, self.replace_unreadable = paths, transform, replace_unreadable
+        self.labels = labels if labels is not None else [-1] * len(paths)
+        self._blank = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,12 +104,19 @@ class SeededImages(Dataset):
                 img = self.load(path_index)
             except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on bad files
                 log.warning("skipping unreadable image %s: %s", self.paths[path_index], e)
+                if not self.replace_unreadable:
+                    return self.blank(), -1, 1
                 continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.transform(img), skipped
+            with seeded(seed):
+                return self.transform(img), self.labels[path_index], skipped
         raise RuntimeError(f"{self.max_skips} consecutive unreadable images from "
                            f"{self.paths[index]}: check the data folder")
+
+
+    def blank(self):
+        if self._blank is None:
+            self._blank = torch.zeros_like(self.transform(Image.new("RGB", (256, 256))))
+        return self._blank
 
 
 class SyntheticImages(Dataset):
@@ -106,7 +136,7 @@ class SyntheticImages(Dataset):
                                               align_corners=False)[0]
         if seed % 2:  # the per-sample seed doubles as the flip coin
             img = img.flip(-1)
-        return img, 0
+        return img, -1, 0
 
 
 class GlobalBatchSampler(Sampler):

@@ -6,7 +6,6 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from .rcmae import RCMAE
 
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
@@ -47,32 +46,38 @@ def mask_noise(seed: int, step: int, global_batch: int, num_patches: int, device
 
 class TrainStep:
     """One optimizer step: ``accum`` micro-batches forward/backward (DDP syncs on the last only),
-    optional gradient clipping, optimizer step (through the fp16 scaler when given), EMA update.
+    optional gradient clipping, optimizer step (through the fp16 scaler when given), then
+    ``after_step(momentum)`` (RC-MAE: the EMA update of the teacher).
 
-    Returns device tensors (summed over micro-batches); nothing here synchronises with the host.
+    ``forward(*inputs)`` returns a dict with the ``loss`` to minimise and detached metrics. Each
+    group's lr is ``lr * group.get("lr_scale", 1)`` (layer-wise decay). Returns device tensors
+    summed over micro-batches; nothing here synchronises with the host.
     """
 
-    def __init__(self, model: RCMAE, forward: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
                  amp_dtype: torch.dtype | None, device: torch.device, clip_grad: float | None = None,
-                 scaler: torch.amp.GradScaler | None = None):
+                 scaler: torch.amp.GradScaler | None = None, after_step=None,
+                 metric_keys=("loss", "recon", "consistency")):
         self.model, self.forward, self.optimizer = model, forward, optimizer
         self.amp_dtype, self.device, self.clip_grad, self.scaler = amp_dtype, device, clip_grad, scaler
+        self.after_step = after_step if after_step is not None else getattr(model, "update_teacher", None)
+        self.metric_keys = metric_keys
 
-    def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float,
-                 momentum: float) -> dict[str, torch.Tensor]:
+    def __call__(self, micro_batches: list[tuple[torch.Tensor, ...]], lr: float,
+                 momentum: float = 0.0) -> dict[str, torch.Tensor]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         accum = len(micro_batches)
         sums = {}
-        for i, (imgs, noise) in enumerate(micro_batches):
+        for i, inputs in enumerate(micro_batches):
             sync = i == accum - 1 or not hasattr(self.forward, "no_sync")
             with (contextlib.nullcontext() if sync else self.forward.no_sync()), \
                     torch.autocast(self.device.type, dtype=self.amp_dtype,
                                    enabled=self.amp_dtype is not None):
-                out = self.forward(imgs, noise)
+                out = self.forward(*inputs)
             loss = out["loss"] / accum
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-            for key in ("loss", "recon", "consistency"):
+            for key in self.metric_keys:
                 if key in out:
                     value = out[key].detach()
                     sums[key] = sums[key] + value if key in sums else value
@@ -80,12 +85,13 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad:
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.model.student.parameters(), self.clip_grad)
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.clip_grad)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_teacher(momentum)
+        if self.after_step is not None:
+            self.after_step(momentum)
         return sums

@@ -114,3 +114,44 @@ def launch(main: Callable[[dict], dict], cfg: dict, args: argparse.Namespace, na
     job = executor.submit(Job(main, cfg))
     print(f"submitted job {job.job_id}: logs in {folder / job.job_id}, outputs in {out_dir}")
     return job
+
+
+def run_cli(argv, *, defaults: dict, main: Callable[[dict], dict], demo_config: Path, name: str,
+            description: str, errors: tuple = ()):
+    """The command line every tool shares: ``--config-file`` (default: the tool's demo),
+    ``key.sub=value`` overrides, ``--output-dir``, ``--resume [PATH]`` / ``--no-resume``, and the
+    cluster options; runs here or submits, and prints where the outputs are."""
+    import sys
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, load_config
+
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default=None, help=f"YAML config (default: the demo, {demo_config.name})")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from the output dir's last checkpoint (the default behaviour), or "
+                        "from PATH")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+    p.add_argument("--output-dir", default=None, help="same as train.output_dir=...")
+    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    add_launch_args(p)
+    args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    if args.no_resume:
+        overrides.append("train.resume=none")
+    try:
+        cfg = load_config(defaults, args.config_file or demo_config, overrides)
+        result = launch(main, cfg, args, name=name)
+    except (ConfigError, CheckpointError, FileNotFoundError, *errors) as e:
+        sys.exit(f"error: {e}")
+    if isinstance(result, dict):
+        print("\ndone. outputs:")
+        for key, value in result.items():
+            if isinstance(value, str) and value:
+                print(f"  {key:15s} {value}")
+    return result

@@ -8,6 +8,7 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +22,16 @@ from . import checkpoint as ckpt
 from .config import ConfigError, flatten, save_config
 from .data import (GlobalBatchSampler, SeededImages, SyntheticImages, build_demo_folder,
                    list_images, pretrain_transform)
-from .distributed import (all_gather_objects, all_reduce, barrier, cleanup, init_distributed,
+from .distributed import (DistEnv, all_gather_objects, all_reduce, barrier, cleanup, init_distributed,
                           world_size)
 from .engine import TrainStep, build_optimizer, mask_noise
-from .models import ARCHS, build_mae
+from .models import ARCHS, build_mae, is_encoder_key
 from .rcmae import RCMAE, lr_at, momentum_at
 from .visualize import save_reconstruction
 
 log = logging.getLogger("pretrain")
 
+KNN_DEFAULTS = {"k": 20, "temperature": 0.07, "pool": "cls", "batch_size": 256}
 DEFAULTS = {
     "model": {"arch": "vit_base_patch16", "img_size": 224, "decoder_dim": 512, "decoder_depth": 8,
               "decoder_heads": 16, "mask_ratio": 0.75, "norm_pix_loss": True},
@@ -45,6 +47,9 @@ DEFAULTS = {
     "checkpoint": {"every_epochs": 1, "every_steps": 0, "keep": 2},
     "export": {"which": "teacher"},
     "log": {"every_steps": 20, "tensorboard": False, "recon_every_epochs": 1, "recon_images": 4},
+    # k-NN monitor on a labelled folder pair (source demo: the labelled scikit-image set)
+    "knn": {"every_epochs": 0, "source": "folder", "train_path": None, "val_path": None,
+            "label_space": "folder", "crop_pct": 0.875, **KNN_DEFAULTS},
 }
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -68,15 +73,24 @@ def validate(cfg: dict, world: int) -> int:
                           "imagenet/train)")
     if t["precision"] not in ("auto", *AMP_DTYPES):
         raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {t['precision']!r}")
+    knn = cfg["knn"]
+    if knn["every_epochs"] and knn["source"] == "folder" and not (knn["train_path"] and knn["val_path"]):
+        raise ConfigError("knn.every_epochs needs knn.train_path and knn.val_path (labelled ImageFolder "
+                          "trees), or knn.source=demo")
     if cfg["export"]["which"] not in ("teacher", "student"):
         raise ConfigError("export.which must be teacher or student")
     if cfg["export"]["which"] == "teacher" and cfg["rcmae"]["gamma"] == 0:
         raise ConfigError("rcmae.gamma=0 trains no teacher: set export.which=student")
-    per_step = t["micro_batch"] * world
-    if o["batch_size"] % per_step:
-        raise ConfigError(f"optim.batch_size={o['batch_size']} must be a multiple of "
-                          f"train.micro_batch ({t['micro_batch']}) x processes ({world}) = {per_step}")
-    return o["batch_size"] // per_step
+    return accumulation_steps(o["batch_size"], t["micro_batch"], world)
+
+
+def accumulation_steps(batch_size: int, micro_batch: int, world: int) -> int:
+    """Gradient accumulation that keeps the effective batch ``batch_size`` on ``world`` processes."""
+    per_step = micro_batch * world
+    if batch_size % per_step:
+        raise ConfigError(f"optim.batch_size={batch_size} must be a multiple of "
+                          f"train.micro_batch ({micro_batch}) x processes ({world}) = {per_step}")
+    return batch_size // per_step
 
 
 def resolve_precision(precision: str, device_type: str) -> tuple[str, torch.dtype | None]:
@@ -88,9 +102,9 @@ def resolve_precision(precision: str, device_type: str) -> tuple[str, torch.dtyp
     return precision, AMP_DTYPES[precision]
 
 
-def setup_logging(out_dir: Path, is_main: bool) -> None:
-    """Log this package to stdout and (rank 0) ``log.txt``; other loggers are left alone."""
-    logger = logging.getLogger("pretrain")
+def setup_logging(out_dir: Path, is_main: bool, name: str = "pretrain") -> None:
+    """Log package ``name`` to stdout and (rank 0) ``log.txt``; other loggers are left alone."""
+    logger = logging.getLogger(name)
     for handler in logger.handlers[:]:
         logger.removeHandler(handler)
         handler.close()
@@ -187,14 +201,48 @@ def restore(cfg: dict, model: RCMAE, optimizer, param_names, scaler, steps_per_e
     return 0
 
 
+def knn_datasets(cfg: dict, out_dir: Path, is_main: bool):
+    """The labelled train / val pair of the k-NN monitor (None when it is off)."""
+    knn = cfg["knn"]
+    if not knn["every_epochs"]:
+        return None
+    from finetune.data import build_demo_labelled, eval_dataset  # downstream package, imported lazily
+
+    train_path, val_path, label_space = knn["train_path"], knn["val_path"], knn["label_space"]
+    if knn["source"] == "demo":
+        root = out_dir / "knn_demo_data"
+        if is_main:
+            build_demo_labelled(root)
+        barrier()
+        train_path, val_path, label_space = root / "train", root / "val", "imagenet1k"
+    size = cfg["model"]["img_size"]
+    (train, num_classes), (val, _) = [eval_dataset(p, label_space, size, knn["crop_pct"], what)
+                                      for p, what in ((train_path, "knn.train_path"),
+                                                      (val_path, "knn.val_path"))]
+    return train, val, num_classes
+
+
+def knn_monitor(model: RCMAE, sets, cfg: dict, run) -> dict:
+    """k-NN accuracy of the teacher's encoder (the student's for MAE), all processes taking part."""
+    from finetune.knn import knn_evaluate
+    from finetune.models import build_classifier
+
+    source = model.teacher if model.teacher is not None else model.student
+    backbone = build_classifier(cfg["model"]["arch"], cfg["model"]["img_size"], 0, "token")
+    backbone.load_state_dict({k: v for k, v in source.state_dict().items() if is_encoder_key(k)})
+    return knn_evaluate(backbone.to(run.device), *sets, run.device, run.amp_dtype, cfg["knn"],
+                        run.env.world_size, run.env.rank, cfg["data"]["num_workers"])
+
+
 class MetricLogger:
     """Accumulates step metrics on the device and reduces them every few steps (one host sync)."""
 
-    KEYS = ("loss", "recon", "consistency", "grad_norm")  # grad_norm: with optim.clip_grad only
     NO_BAD_STEP = 2 ** 62
 
-    def __init__(self, device, out_dir: Path | None, tensorboard: bool, log_grad_norm: bool):
-        self.device, self.log_grad_norm = device, log_grad_norm
+    def __init__(self, device, out_dir: Path | None, tensorboard: bool, log_grad_norm: bool,
+                 keys=("loss", "recon", "consistency"), prefix: str = "pretrain"):
+        self.device, self.log_grad_norm, self.prefix = device, log_grad_norm, prefix
+        self.KEYS = (*keys, "grad_norm")  # grad_norm: with optim.clip_grad only
         self.jsonl = open(out_dir / "metrics.jsonl", "a") if out_dir else None
         self.tb = None
         if tensorboard and out_dir:
@@ -240,15 +288,20 @@ class MetricLogger:
         record["img_per_s"] = self.images * world / elapsed if elapsed > 0 else 0.0
         record["mem_gb"] = (torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
-        if is_main and self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-            if self.tb:
-                for k, v in record.items():
-                    if k != "step":
-                        self.tb.add_scalar(f"pretrain/{k}", v, step)
+        self.write(record, is_main)
         self._reset()
         return record
+
+    def write(self, record: dict, is_main: bool) -> None:
+        """One JSON line (and TensorBoard scalars) on the main process."""
+        if not (is_main and self.jsonl):
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{self.prefix}/{k}", v, record["step"])
 
     def close(self):
         if self.jsonl:
@@ -257,23 +310,42 @@ class MetricLogger:
             self.tb.close()
 
 
-def main(cfg: dict) -> dict:
-    """Train; returns a summary (output paths, last metrics). Safe to call again after a requeue."""
+@dataclass
+class Run:
+    env: DistEnv
+    device: torch.device
+    out_dir: Path
+    precision: str
+    amp_dtype: torch.dtype | None
+
+
+def start_run(cfg: dict, package: str) -> Run:
+    """Join the process group, pick the device and precision, prepare the output directory
+    (stale temporary files removed, logging, resolved config saved)."""
     t = cfg["train"]
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if t["device"] == "auto" else t["device"]
     env = init_distributed(device_type)
     device = torch.device(device_type, env.local_rank) if device_type == "cuda" else torch.device("cpu")
-    accum = validate(cfg, env.world_size)
     out_dir = Path(t["output_dir"]).resolve()
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob("*.tmp"):  # half-written files of an interrupted save
             stale.unlink()
     barrier()
-    setup_logging(out_dir, env.is_main)
+    setup_logging(out_dir, env.is_main, package)
     if env.is_main:
         save_config(cfg, out_dir / "config.yaml")
-    precision, amp_dtype = resolve_precision(t["precision"], device_type)
+    return Run(env, device, out_dir, *resolve_precision(t["precision"], device_type))
+
+
+def main(cfg: dict) -> dict:
+    """Train; returns a summary (output paths, last metrics). Safe to call again after a requeue."""
+    t = cfg["train"]
+    run = start_run(cfg, "pretrain")
+    env, device, out_dir, precision, amp_dtype = (run.env, run.device, run.out_dir, run.precision,
+                                                  run.amp_dtype)
+    device_type = device.type
+    accum = validate(cfg, env.world_size)
 
     m, o = cfg["model"], cfg["optim"]
     torch.manual_seed(t["seed"])  # identical initial weights on every rank
@@ -284,6 +356,7 @@ def main(cfg: dict) -> dict:
     scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
 
     dataset = build_dataset(cfg, out_dir, env.is_main)
+    knn_sets = knn_datasets(cfg, out_dir, env.is_main)
     global_batch = o["batch_size"]
     steps_per_epoch = len(dataset) // global_batch
     if steps_per_epoch == 0:
@@ -346,7 +419,7 @@ def main(cfg: dict) -> dict:
                                model.teacher_mask == "different")
             micro, skipped = [], 0
             for k in range(accum):
-                imgs, n_skipped = next(batches)
+                imgs, _, n_skipped = next(batches)
                 first = (k * env.world_size + env.rank) * t["micro_batch"]
                 micro.append((imgs.to(device, non_blocking=True),
                               noise[..., first:first + t["micro_batch"], :]))
@@ -370,6 +443,11 @@ def main(cfg: dict) -> dict:
                 path = save(step)
                 if env.is_main:
                     log.info("saved %s", path)
+            knn_every = cfg["knn"]["every_epochs"]
+            if knn_sets and epoch_end and (epoch % knn_every == 0 or step == total_steps):
+                result = knn_monitor(model, knn_sets, cfg, run)
+                metrics.write({"step": step, "epoch": epoch, **result}, env.is_main)
+                log.info("epoch %d k-NN top-1 %.2f top-5 %.2f", epoch, result["knn_top1"], result["knn_top5"])
             recon_every = cfg["log"]["recon_every_epochs"]
             if env.is_main and recon_every and epoch_end and (epoch % recon_every == 0 or step == total_steps):
                 fig = save_reconstruction(model, recon_batch, recon_noise,

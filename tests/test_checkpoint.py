@@ -60,8 +60,8 @@ def test_reads_official_mae_and_rcmae_formats(tmp_path):
     assert rc.source == "rcmae" and set(rc.student) == set(sd)
     assert torch.equal(rc.model("auto")[1]["cls_token"], sd["cls_token"] + 1)
 
-    torch.save({"state_dict": sd}, tmp_path / "other.pth")
-    with pytest.raises(ck.CheckpointError, match="not a pretraining checkpoint.*state_dict"):
+    torch.save({"weights": sd, "epoch": 1}, tmp_path / "other.pth")
+    with pytest.raises(ck.CheckpointError, match="not a ViT checkpoint.*weights"):
         ck.read_checkpoint(tmp_path / "other.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         ck.read_checkpoint(tmp_path / "missing.pth")

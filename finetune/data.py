@@ -1,0 +1,104 @@
+"""Labelled image folders, ImageNet class indices, the embedded labelled demo set, transforms."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import timm.data
+from PIL import Image
+from timm.data import create_transform
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, SeededImages
+
+# Real photos shipped with scikit-image, named by the ImageNet-1k class they show.
+DEMO_CLASSES = {"chelsea": "n02123045",            # tabby, tabby cat
+                "coffee": "n07920052",             # espresso
+                "rocket": "n03773504",             # missile
+                "stereo_motorcycle": "n03785016"}  # moped
+
+
+@lru_cache(maxsize=None)
+def imagenet_wnids(name: str = "imagenet_synsets.txt") -> tuple[str, ...]:
+    """The canonical ImageNet wnid lists shipped with timm (1k order; A and R subsets)."""
+    path = Path(timm.data.__file__).parent / "_info" / name
+    return tuple(path.read_text().split())
+
+
+def labelled_images(root: str | Path, label_space: str, what: str) -> tuple[list[str], list[int], int]:
+    """``root/<class>/<image>`` -> paths, labels, number of classes.
+
+    ``label_space``: ``folder`` (sorted folder index) or ``imagenet1k`` (folders are wnids, labels
+    are their index among the 1000 ImageNet-1k classes, whatever subset of folders is present).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what}: image folder {root} does not exist")
+    try:
+        classes, _ = find_classes(str(root))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{what}: {root} is not an ImageFolder tree (root/<class>/<image>): {e}") from None
+    if label_space == "folder":
+        class_to_idx, num_classes = {c: i for i, c in enumerate(classes)}, len(classes)
+    elif label_space == "imagenet1k":
+        index = {w: i for i, w in enumerate(imagenet_wnids())}
+        unknown = [c for c in classes if c not in index]
+        if unknown:
+            raise ValueError(f"{what}: folders {unknown[:5]} of {root} are not ImageNet-1k wnids "
+                             "(use data.label_space=folder)")
+        class_to_idx, num_classes = {c: index[c] for c in classes}, len(index)
+    else:
+        raise ValueError(f"data.label_space must be folder or imagenet1k, got {label_space!r}")
+    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    return [p for p, _ in samples], [y for _, y in samples], num_classes
+
+
+def build_demo_labelled(root: str | Path, train_per_class: int = 24, val_per_class: int = 8,
+                        size: int = 96, seed: int = 0) -> Path:
+    """``root/{train,val}/<wnid>/*.jpg``: disjoint random crops of the scikit-image photos."""
+    import skimage.data
+
+    root = Path(root)
+    if (root / ".complete").exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for name, wnid in DEMO_CLASSES.items():
+        photo = getattr(skimage.data, name)()
+        photo = photo[0] if isinstance(photo, tuple) else photo
+        h, w = photo.shape[:2]
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            out = root / split / wnid
+            out.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                side = int(min(h, w) * rng.uniform(0.4, 0.9))
+                y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+                crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BICUBIC)
+                crop.save(out / f"{name}_{k:03d}.jpg", quality=90)
+    (root / ".complete").touch()
+    return root
+
+
+def train_transform(img_size: int, aug: dict, mode: str):
+    """Fine-tuning: timm's RandAugment / random-erasing pipeline; linear probing: crop + flip only."""
+    if mode == "linprobe":
+        return transforms.Compose([
+            transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return create_transform(img_size, is_training=True, auto_augment=aug["rand_augment"] or None,
+                            color_jitter=None, interpolation="bicubic", re_prob=aug["reprob"],
+                            re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def eval_transform(img_size: int, crop_pct: float):
+    """Resize the short side to ``img_size / crop_pct`` (256 for 224) bicubic, centre crop."""
+    return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def eval_dataset(root: str | Path, label_space: str, img_size: int, crop_pct: float, what: str):
+    paths, labels, num_classes = labelled_images(root, label_space, what)
+    return SeededImages(paths, eval_transform(img_size, crop_pct), labels,
+                        replace_unreadable=False), num_classes

@@ -1,0 +1,53 @@
+"""Exact evaluation under DDP: every image counted once (no sampler padding), counts all-reduced."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from pretrain.distributed import all_reduce
+
+
+class ShardSampler(Sampler):
+    """``(index, 0)`` pairs of indices ``rank, rank + world, ...``: an uneven split, no duplicates."""
+
+    def __init__(self, num_samples: int, world: int, rank: int):
+        self.indices = range(rank, num_samples, world)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return ((i, 0) for i in self.indices)
+
+
+def shard_loader(dataset, batch_size: int, world: int, rank: int, num_workers: int, pin: bool):
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), world, rank),
+                      num_workers=num_workers, pin_memory=pin)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype=None,
+             class_mask: torch.Tensor | None = None) -> dict:
+    """Top-1 / top-5 accuracy (%) over this process's shard, summed over all processes.
+
+    ``class_mask`` (bool, num_classes) restricts the logits to a class subset before the argmax.
+    Unreadable images (label -1) are counted apart, never as predictions.
+    """
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, n, unreadable
+    for imgs, labels, _ in loader:
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(imgs).float()
+        if class_mask is not None:
+            logits = logits.masked_fill(~class_mask.to(device), float("-inf"))
+        valid = labels >= 0
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = (top == labels[:, None]) & valid[:, None]
+        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), valid.sum(), (~valid).sum()]).double()
+    model.train(was_training)
+    top1, top5, n, unreadable = all_reduce(counts).tolist()
+    return {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "n": int(n),
+            "correct1": int(top1), "correct5": int(top5), "unreadable": int(unreadable)}

@@ -1,0 +1,58 @@
+"""Standalone k-NN evaluation of a backbone checkpoint on a labelled train / val folder pair."""
+from __future__ import annotations
+
+import json
+import logging
+
+from pretrain.config import ConfigError
+from pretrain.distributed import barrier, cleanup
+from pretrain.train import KNN_DEFAULTS, start_run
+
+from .data import build_demo_labelled, eval_dataset
+from .knn import knn_evaluate
+from .models import build_classifier, load_backbone
+
+log = logging.getLogger("finetune")
+
+DEFAULTS = {
+    "model": {"arch": "vit_base_patch16", "img_size": 224},
+    "init": {"checkpoint": None, "which": "auto"},
+    "data": {"source": "folder", "train_path": None, "val_path": None, "label_space": "folder",
+             "num_workers": 10, "crop_pct": 0.875},
+    "knn": dict(KNN_DEFAULTS),
+    "train": {"output_dir": "output/knn", "precision": "auto", "device": "auto"},
+}
+
+
+def main(cfg: dict) -> dict:
+    run = start_run(cfg, "finetune")
+    m, d = cfg["model"], cfg["data"]
+    train_path, val_path, label_space = d["train_path"], d["val_path"], d["label_space"]
+    if d["source"] == "demo":
+        root = run.out_dir / "demo_data"
+        if run.env.is_main:
+            build_demo_labelled(root)
+        barrier()
+        train_path, val_path, label_space = root / "train", root / "val", "imagenet1k"
+    if not train_path or not val_path:
+        raise ConfigError("data.train_path and data.val_path are required (labelled ImageFolder trees)")
+    sets = [eval_dataset(p, label_space, m["img_size"], d["crop_pct"], what)
+            for p, what in ((train_path, "data.train_path"), (val_path, "data.val_path"))]
+    (train_set, num_classes), (val_set, _) = sets
+    backbone = build_classifier(m["arch"], m["img_size"], num_classes=0, global_pool="token")
+    if cfg["init"]["checkpoint"]:
+        load_backbone(backbone, cfg["init"]["checkpoint"], cfg["init"]["which"])
+    else:
+        log.warning("no init.checkpoint: k-NN on a randomly initialised backbone (a baseline)")
+    result = knn_evaluate(backbone.to(run.device), train_set, val_set, num_classes, run.device,
+                          run.amp_dtype, cfg["knn"], run.env.world_size, run.env.rank, d["num_workers"])
+    result.update(train_images=len(train_set), val_images=len(val_set), checkpoint=cfg["init"]["checkpoint"])
+    log.info("k-NN (k=%d, T=%g, %s): top-1 %.2f top-5 %.2f on %d images", cfg["knn"]["k"],
+             cfg["knn"]["temperature"], cfg["knn"]["pool"], result["knn_top1"], result["knn_top5"],
+             result["knn_n"])
+    path = run.out_dir / "knn.json"
+    if run.env.is_main:
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    cleanup()
+    return {"output_dir": str(run.out_dir), "result": str(path), **{k: v for k, v in result.items()
+                                                                     if k.startswith("knn")}}

@@ -1,0 +1,109 @@
+"""Classifiers: timm's VisionTransformer with our sizes, initialised from any supported checkpoint."""
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+
+from pretrain.checkpoint import CheckpointError, read_checkpoint
+from pretrain.models import ARCHS, is_encoder_key
+
+log = logging.getLogger(__name__)
+
+
+def build_classifier(arch: str, img_size: int, num_classes: int, global_pool: str = "avg",
+                     drop_path: float = 0.0) -> VisionTransformer:
+    """The timm model (``vit_base_patch16_224`` etc. for 224 px) with ``global_pool`` ``avg``
+    (patch-token mean + ``fc_norm``, no final ``norm``, as MAE fine-tunes) or ``token`` (cls)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model.arch {arch!r}; choose one of {sorted(ARCHS)}")
+    if global_pool not in ("avg", "token"):
+        raise ValueError(f"model.global_pool must be avg or token, got {global_pool!r}")
+    spec = {k: v for k, v in ARCHS[arch].items() if k != "timm_name"}
+    return VisionTransformer(img_size=img_size, num_classes=num_classes, global_pool=global_pool,
+                             drop_path_rate=drop_path, mlp_ratio=4.0, qkv_bias=True,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6), **spec)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of the patch part of (1, 1 + H*W, D) to ``grid``; the cls token is kept.
+    Unchanged when the grid already matches."""
+    old = int(round((pos_embed.shape[1] - 1) ** 0.5))
+    if (old, old) == tuple(grid):
+        return pos_embed
+    log.info("interpolating pos_embed from %dx%d to %dx%d (bicubic)", old, old, *grid)
+    return resample_abs_pos_embed(pos_embed, list(grid), num_prefix_tokens=1, interpolation="bicubic",
+                                  antialias=False)
+
+
+def load_backbone(model: VisionTransformer, path: str, which: str = "auto") -> dict:
+    """Initialise ``model``'s backbone from a checkpoint: ours (pretraining: teacher by default;
+    or a classifier), official MAE / RC-MAE, or timm. The head is always new.
+
+    Only the new ``head`` and ``fc_norm`` may be missing; the pretraining decoder, a previous head
+    and (with global average pooling) the final ``norm`` are dropped, each listed in the log. Any
+    other missing or unexpected key, or a shape mismatch, is an error.
+    """
+    ckpt = read_checkpoint(path)
+    chosen, sd = ckpt.model(which)
+    own = model.state_dict()
+    dropped = sorted(k for k in sd if not is_encoder_key(k) and k not in own)
+    dropped += sorted(k for k in sd if k.startswith("head.") and k not in dropped)
+    if "norm.weight" not in own:  # avg pool: MAE drops the final norm
+        dropped += sorted(k for k in sd if k.startswith("norm."))
+    if "fc_norm.weight" not in own:  # token pool: a previous fc_norm has no place
+        dropped += sorted(k for k in sd if k.startswith("fc_norm."))
+    sd = {k: v for k, v in sd.items() if k not in set(dropped)}
+    if "pos_embed" in sd:
+        sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], model.patch_embed.grid_size)
+    allowed_missing = ("head.", "fc_norm.")
+    missing = [k for k in own if k not in sd and not k.startswith(allowed_missing)]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+              if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{path} ({ckpt.source}, {chosen}) does not fit {type(model).__name__}: "
+            + "; ".join(f"{n} {v}" for n, v in (("missing", missing), ("unexpected", unexpected),
+                                                 ("shape mismatch", shapes)) if v)
+            + ". Check model.arch against the checkpoint.")
+    result = model.load_state_dict(sd, strict=False)
+    report = {"source": ckpt.source, "which": chosen, "loaded": len(sd),
+              "new": list(result.missing_keys), "dropped": dropped}
+    groups = sorted({k.split(".")[0] for k in dropped})
+    log.info("initialised from %s (%s, %s weights): loaded %d tensors; new %s; dropped %d (%s)", path,
+             ckpt.source, chosen, len(sd), report["new"], len(dropped), ", ".join(groups) or "none")
+    return report
+
+
+def linear_probe_head(model: VisionTransformer) -> None:
+    """MAE's probe: frozen backbone, BatchNorm without affine, then the linear head (std 0.01)."""
+    for p in model.parameters():
+        p.requires_grad = False
+    linear = nn.Linear(model.head.in_features, model.head.out_features)
+    nn.init.trunc_normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+
+
+def classifier_state(model: VisionTransformer) -> dict:
+    """State dict in timm's key names: a BatchNorm + Linear probe head is folded into one Linear,
+    so every saved classifier loads into ``timm.create_model(...)`` as is."""
+    sd = dict(model.state_dict())
+    if isinstance(model.head, nn.Sequential):
+        bn, linear = model.head
+        scale = (bn.running_var + bn.eps).rsqrt()
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd["head.weight"] = linear.weight * scale
+        sd["head.bias"] = linear.bias - (linear.weight * scale) @ bn.running_mean
+    return {k: v.detach().clone() if k.startswith("head.") else v for k, v in sd.items()}
+
+
+def init_head(model: VisionTransformer, std: float) -> None:
+    """MAE's fine-tuning head: truncated normal with a tiny std, zero bias."""
+    nn.init.trunc_normal_(model.head.weight, std=std)
+    nn.init.zeros_(model.head.bias)

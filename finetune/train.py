@@ -1,0 +1,259 @@
+"""Fine-tuning (MAE recipe) and linear probing of ViT backbones: ``main(cfg)``, like pretraining,
+runs on one CPU process, torchrun or SLURM tasks, resumes exactly, and evaluates exactly under DDP.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import Lars
+from timm.optim._param_groups import param_groups_layer_decay
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import ConfigError
+from pretrain.data import GlobalBatchSampler, SeededImages, sample_seed, seeded
+from pretrain.distributed import all_gather_objects, barrier, cleanup
+from pretrain.engine import TrainStep
+from pretrain.rcmae import lr_at
+from pretrain.train import (MetricLogger, accumulation_steps, rng_state,
+                            set_rng_state, start_run, warn_config_changes)
+
+from .data import build_demo_labelled, eval_dataset, labelled_images, train_transform
+from .evaluate import evaluate, shard_loader
+from .models import build_classifier, classifier_state, init_head, linear_probe_head, load_backbone
+
+log = logging.getLogger("finetune")
+
+DEFAULTS = {
+    "model": {"arch": "vit_base_patch16", "img_size": 224, "global_pool": "avg", "drop_path": 0.1,
+              "head_init_std": 2.0e-5},
+    "init": {"checkpoint": None, "which": "auto"},
+    "data": {"source": "folder", "train_path": None, "val_path": None, "label_space": "folder",
+             "num_workers": 10, "crop_pct": 0.875},
+    "aug": {"rand_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0,
+            "smoothing": 0.1},
+    "optim": {"name": "adamw", "batch_size": 1024, "base_lr": 5.0e-4, "lr": None, "min_lr": 1.0e-6,
+              "weight_decay": 0.05, "layer_decay": 0.65, "betas": [0.9, 0.999], "momentum": 0.9,
+              "epochs": 100, "warmup_epochs": 5, "clip_grad": None},
+    "train": {"mode": "finetune", "output_dir": "output/finetune", "micro_batch": 128,
+              "precision": "auto", "device": "auto", "compile": False, "seed": 0, "resume": "auto",
+              "stop_at_step": None},
+    "eval": {"every_epochs": 1, "batch_size": 256},
+    "checkpoint": {"every_epochs": 1, "keep": 1},
+    "log": {"every_steps": 20, "tensorboard": False},
+}
+
+
+class ClassifierLoss(nn.Module):
+    """What DDP wraps: the classifier and its criterion, returning the loss in TrainStep's format."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, imgs, targets):
+        return {"loss": self.criterion(self.model(imgs).float(), targets)}
+
+
+def build_optimizer(model: nn.Module, o: dict, device_type: str):
+    """AdamW with layer-wise lr decay (timm's groups: ``lr_scale = decay ** (depth + 1 - layer_id)``,
+    no decay on 1-d tensors, pos_embed and cls_token), LARS (linear probe: trust ratio on the weight
+    only, as MAE's LARS) or SGD."""
+    if o["name"] == "adamw":
+        groups = param_groups_layer_decay(model, weight_decay=o["weight_decay"],
+                                          no_weight_decay_list=model.no_weight_decay(),
+                                          layer_decay=o["layer_decay"])
+        fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o["betas"]), **fast)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    matrices = [p for _, p in trainable if p.ndim > 1]
+    vectors = [p for _, p in trainable if p.ndim <= 1]
+    if o["name"] == "lars":
+        return Lars([{"params": matrices, "weight_decay": o["weight_decay"], "always_adapt": True},
+                     {"params": vectors, "weight_decay": 0.0, "always_adapt": False}],
+                    lr=0.0, momentum=o["momentum"])
+    if o["name"] == "sgd":
+        return torch.optim.SGD([{"params": matrices, "weight_decay": o["weight_decay"]},
+                                {"params": vectors, "weight_decay": 0.0}], lr=0.0, momentum=o["momentum"])
+    raise ConfigError(f"optim.name must be adamw, lars or sgd, got {o['name']!r}")
+
+
+def build_criterion(aug: dict, num_classes: int):
+    """timm's Mixup / CutMix (with label smoothing) + soft-target CE, or (smoothed) CE without."""
+    if aug["mixup"] > 0 or aug["cutmix"] > 0:
+        mixup = Mixup(mixup_alpha=aug["mixup"], cutmix_alpha=aug["cutmix"],
+                      label_smoothing=aug["smoothing"], num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if aug["smoothing"] > 0:
+        return None, LabelSmoothingCrossEntropy(aug["smoothing"])
+    return None, nn.CrossEntropyLoss()
+
+
+def datasets(cfg: dict, run, mode: str):
+    d, size = cfg["data"], cfg["model"]["img_size"]
+    train_path, val_path, label_space = d["train_path"], d["val_path"], d["label_space"]
+    if d["source"] == "demo":
+        root = run.out_dir / "demo_data"
+        if run.env.is_main:
+            build_demo_labelled(root)
+        barrier()
+        train_path, val_path, label_space = root / "train", root / "val", "imagenet1k"
+    elif d["source"] != "folder":
+        raise ConfigError("data.source must be folder or demo")
+    if not train_path or not val_path:
+        raise ConfigError("data.train_path and data.val_path are required (ImageFolder trees, "
+                          "e.g. imagenet/train and imagenet/val)")
+    paths, labels, num_classes = labelled_images(train_path, label_space, "data.train_path")
+    train = SeededImages(paths, train_transform(size, cfg["aug"], mode), labels)
+    val, val_classes = eval_dataset(val_path, label_space, size, d["crop_pct"], "data.val_path")
+    if val_classes != num_classes:
+        raise ConfigError(f"data.val_path has {val_classes} classes, data.train_path {num_classes}: "
+                          "use the same class folders (or data.label_space=imagenet1k)")
+    return train, val, num_classes
+
+
+def main(cfg: dict) -> dict:
+    run = start_run(cfg, "finetune")
+    env, device, out_dir = run.env, run.device, run.out_dir
+    t, m, o, mode = cfg["train"], cfg["model"], cfg["optim"], cfg["train"]["mode"]
+    if mode not in ("finetune", "linprobe"):
+        raise ConfigError(f"train.mode must be finetune or linprobe, got {mode!r}")
+    accum = accumulation_steps(o["batch_size"], t["micro_batch"], env.world_size)
+    train_set, val_set, num_classes = datasets(cfg, run, mode)
+    mixup, criterion = build_criterion(cfg["aug"], num_classes)
+    if mixup is not None and t["micro_batch"] % 2:
+        raise ConfigError("mixup / cutmix need an even train.micro_batch")
+
+    torch.manual_seed(t["seed"])
+    model = build_classifier(m["arch"], m["img_size"], num_classes, m["global_pool"],
+                             m["drop_path"] if mode == "finetune" else 0.0)
+    resume_path = ckpt.find_last_checkpoint(out_dir) if t["resume"] == "auto" else (
+        None if t["resume"] in (None, "none", False) else t["resume"])
+    if cfg["init"]["checkpoint"] and resume_path is None:
+        load_backbone(model, cfg["init"]["checkpoint"], cfg["init"]["which"])
+    init_head(model, m["head_init_std"])
+    if mode == "linprobe":
+        linear_probe_head(model)
+    model.to(device)
+    optimizer = build_optimizer(model, o, device.type)
+    scaler = torch.amp.GradScaler(device.type) if run.precision == "fp16" else None
+
+    steps_per_epoch = len(train_set) // o["batch_size"]
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} images cannot fill one batch of optim.batch_size={o['batch_size']}")
+    total_steps, warmup_steps = o["epochs"] * steps_per_epoch, int(o["warmup_epochs"] * steps_per_epoch)
+    peak_lr = o["lr"] if o["lr"] is not None else o["base_lr"] * o["batch_size"] / 256
+    step, best = 0, {"top1": -1.0}
+    if resume_path is not None:
+        state = ckpt.torch_load(resume_path)
+        if state.get("format") != ckpt.CLASSIFIER_FORMAT:
+            raise ckpt.CheckpointError(f"{resume_path} is not a fine-tuning checkpoint of this toolkit; "
+                                       "to start from pretrained weights use init.checkpoint=...")
+        warn_config_changes(state["config"], cfg)
+        ckpt.load_state(model, state["train_model"], f"{resume_path} model")
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, best = state["step"], state["best"]
+        set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
+        log.info("resumed from %s at step %d", resume_path, step)
+    stop_step = min(total_steps, t["stop_at_step"] or total_steps)
+
+    forward = ClassifierLoss(model, criterion)
+    if env.world_size > 1:
+        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    if t["compile"]:
+        forward = torch.compile(forward)
+    step_fn = TrainStep(model, forward, optimizer, run.amp_dtype, device, o["clip_grad"], scaler,
+                        after_step=lambda _: None, metric_keys=("loss",))
+    workers = cfg["data"]["num_workers"]
+    loader = iter(DataLoader(train_set, batch_size=t["micro_batch"], num_workers=workers,
+                             sampler=GlobalBatchSampler(len(train_set), t["micro_batch"], accum,
+                                                        env.world_size, env.rank, t["seed"], step),
+                             pin_memory=device.type == "cuda", drop_last=True,
+                             persistent_workers=workers > 0))
+    val_loader = shard_loader(val_set, cfg["eval"]["batch_size"], env.world_size, env.rank, workers,
+                              device.type == "cuda")
+    log.info("%s %s (%d classes) on %d train / %d val images; %d process(es), micro-batch %d x accum %d "
+             "= batch %d, %d steps/epoch, %d steps, peak lr %.3g, %s, precision %s", mode, m["arch"],
+             num_classes, len(train_set), len(val_set), env.world_size, t["micro_batch"], accum,
+             o["batch_size"], steps_per_epoch, total_steps, peak_lr, o["name"], run.precision)
+
+    metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
+                           bool(o["clip_grad"]), keys=("loss",), prefix=mode)
+    bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", file=sys.stdout,
+               dynamic_ncols=True, mininterval=1.0)
+
+    def save_state(step_done: int, result: dict | None) -> None:
+        state = {"format": ckpt.CLASSIFIER_FORMAT, "arch": m["arch"], "img_size": m["img_size"],
+                 "global_pool": m["global_pool"], "num_classes": num_classes, "mode": mode,
+                 "model": classifier_state(model), "train_model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                 "step": step_done, "epoch": step_done // steps_per_epoch, "best": best,
+                 "eval": result, "rng": all_gather_objects(rng_state()), "config": cfg}
+        if env.is_main:
+            path = ckpt.save_checkpoint(state, out_dir, step_done, cfg["checkpoint"]["keep"])
+            log.info("saved %s", path)
+        barrier()
+
+    result = None
+    try:
+        while step < stop_step:
+            lr = lr_at(step, warmup_steps, total_steps, peak_lr, o["min_lr"])
+            micro, skipped = [], 0
+            for k in range(accum):
+                imgs, labels, n_skipped = next(loader)
+                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                if mixup is not None:
+                    with seeded(sample_seed(t["seed"], step, k * env.world_size + env.rank)):
+                        imgs, labels = mixup(imgs, labels)
+                micro.append((imgs, labels))
+                skipped += int(n_skipped.sum())
+            torch.manual_seed(sample_seed(t["seed"] + 1, step, env.rank))  # drop path: f(seed, step)
+            sums = step_fn(micro, lr)
+            metrics.add(step, sums, accum, skipped, accum * t["micro_batch"])
+            step += 1
+            bar.update(1)
+            epoch_end = step % steps_per_epoch == 0
+            epoch = step // steps_per_epoch
+            save_now = step == stop_step or (epoch_end and cfg["checkpoint"]["every_epochs"]
+                                             and epoch % cfg["checkpoint"]["every_epochs"] == 0)
+            if save_now or step % cfg["log"]["every_steps"] == 0:
+                record = metrics.flush(step, step / steps_per_epoch, lr, 0.0, env.is_main)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            evaluate_now = step == total_steps or (epoch_end and epoch % cfg["eval"]["every_epochs"] == 0)
+            if evaluate_now:
+                result = evaluate(model, val_loader, device, run.amp_dtype)
+                log.info("epoch %d eval: top-1 %.2f top-5 %.2f on %d images (%d unreadable)", epoch,
+                         result["top1"], result["top5"], result["n"], result["unreadable"])
+                metrics.write({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in result.items()}},
+                              env.is_main)
+                if result["top1"] > best["top1"]:
+                    best = {**result, "epoch": epoch, "step": step}
+                    if env.is_main:
+                        ckpt.atomic_save({"format": ckpt.CLASSIFIER_FORMAT, "arch": m["arch"],
+                                          "img_size": m["img_size"], "global_pool": m["global_pool"],
+                                          "num_classes": num_classes, "mode": mode,
+                                          "model": classifier_state(model), "eval": result,
+                                          "config": cfg}, out_dir / "classifier_best.pth")
+            if save_now:
+                save_state(step, result)
+    finally:
+        bar.close()
+        metrics.close()
+
+    summary = {"output_dir": str(out_dir), "step": step, "checkpoint": str(ckpt.find_last_checkpoint(out_dir) or ""),
+               "best_classifier": str(out_dir / "classifier_best.pth") if best["top1"] >= 0 else "",
+               "metrics": str(out_dir / "metrics.jsonl"), "best": best, "eval": result}
+    if env.is_main and best["top1"] >= 0:
+        log.info("best top-1 %.2f (epoch %d)", best["top1"], best["epoch"])
+    barrier()
+    cleanup()
+    return summary

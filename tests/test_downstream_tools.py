@@ -1,0 +1,81 @@
+"""Shipped downstream configs, the demo of each tool end to end, and the pretraining k-NN monitor."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import knn_tool
+from finetune.train import DEFAULTS as FT_DEFAULTS
+from pretrain.config import load_config
+from pretrain.train import main as pretrain_main
+
+from conftest import ROOT, micro_config
+
+CONFIGS = ROOT / "configs"
+
+
+@pytest.mark.parametrize("size,epochs,lr,decay,drop", [("base", 100, 5e-4, 0.65, 0.1),
+                                                       ("large", 50, 1e-3, 0.75, 0.2),
+                                                       ("huge", 50, 1e-3, 0.75, 0.3)])
+def test_finetune_and_linprobe_recipes(size, epochs, lr, decay, drop):
+    ft = load_config(FT_DEFAULTS, CONFIGS / "finetune" / f"vit_{size}.yaml")
+    o, a = ft["optim"], ft["aug"]
+    assert (o["epochs"], o["base_lr"], o["layer_decay"], ft["model"]["drop_path"]) == (epochs, lr, decay, drop)
+    assert (o["batch_size"], o["warmup_epochs"], o["min_lr"], o["weight_decay"], o["betas"]) == (
+        1024, 5, 1e-6, 0.05, [0.9, 0.999])
+    assert (a["rand_augment"], a["reprob"], a["mixup"], a["cutmix"], a["smoothing"]) == (
+        "rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
+    assert ft["model"]["global_pool"] == "avg" and ft["model"]["head_init_std"] == 2e-5
+    lp = load_config(FT_DEFAULTS, CONFIGS / "linprobe" / f"vit_{size}.yaml")
+    o = lp["optim"]
+    assert (lp["train"]["mode"], o["name"], o["base_lr"], o["batch_size"], o["weight_decay"]) == (
+        "linprobe", "lars", 0.1, 16384, 0.0)
+    assert (o["epochs"], o["warmup_epochs"]) == (90 if size == "base" else 50, 10)
+    assert lp["model"]["global_pool"] == "token" and lp["aug"]["mixup"] == 0
+
+
+def run_tool(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_finetune_linprobe_knn_demos(tmp_path):
+    res = run_tool("finetune.py", f"train.output_dir={tmp_path / 'ft'}", "optim.epochs=6",
+                   "eval.every_epochs=3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "best_classifier" in res.stdout and (tmp_path / "ft" / "classifier_best.pth").is_file()
+    wnids = sorted(p.name for p in (tmp_path / "ft" / "demo_data" / "train").iterdir())
+    assert wnids == ["n02123045", "n03773504", "n03785016", "n07920052"]
+    evals = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()
+             if "eval_top1" in x]
+    assert [e["epoch"] for e in evals] == [3, 6] and all(e["eval_n"] == 32 for e in evals)
+
+    res = run_tool("linprobe.py", f"train.output_dir={tmp_path / 'lp'}", "optim.epochs=3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = torch.load(tmp_path / "lp" / "classifier_best.pth", weights_only=True)
+    assert saved["mode"] == "linprobe" and saved["model"]["head.weight"].shape == (1000, 128)
+
+    res = run_tool("knn.py", f"train.output_dir={tmp_path / 'knn'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "knn" / "knn.json").read_text())
+    assert result["knn_n"] == 32 and 0 <= result["knn_top1"] <= 100
+
+
+def test_knn_tool_and_pretraining_monitor_agree(tmp_path):
+    """The monitor's k-NN of the teacher equals the standalone tool on the saved checkpoint."""
+    out = pretrain_main(micro_config(tmp_path / "pre", ["optim.epochs=1", "knn.every_epochs=1",
+                                                        "knn.source=demo", "knn.batch_size=16"]))
+    monitor = [json.loads(x) for x in Path(out["metrics"]).read_text().splitlines() if "knn_top1" in x]
+    assert len(monitor) == 1 and monitor[0]["knn_n"] == 32
+    cfg = load_config(knn_tool.DEFAULTS, None, [
+        "model.arch=vit_micro_patch8", "model.img_size=32", f"init.checkpoint={out['checkpoint']}",
+        f"data.train_path={tmp_path / 'pre' / 'knn_demo_data' / 'train'}",
+        f"data.val_path={tmp_path / 'pre' / 'knn_demo_data' / 'val'}", "data.label_space=imagenet1k",
+        "data.num_workers=0", "train.device=cpu", f"train.output_dir={tmp_path / 'knn'}"])
+    standalone = knn_tool.main(cfg)
+    assert standalone["knn_top1"] == monitor[0]["knn_top1"]
+    assert standalone["knn_top5"] == monitor[0]["knn_top5"]

@@ -1,0 +1,237 @@
+import os
+import socket
+
+import pytest
+import timm
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from torch.utils.data import Dataset
+
+from finetune.evaluate import evaluate, shard_loader
+from finetune.knn import gather_in_order, knn_classify
+from finetune.models import (build_classifier, classifier_state, interpolate_pos_embed,
+                             linear_probe_head, load_backbone)
+from finetune.train import DEFAULTS, build_optimizer, main
+from pretrain import checkpoint as ck
+from pretrain.config import load_config
+from pretrain.models import build_mae
+
+
+def labelled_folder(root, classes=("n02123045", "n07920052"), per_class=8, size=40):
+    for c, wnid in enumerate(classes):
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            color = (200 * c + 20, 10 * i, 120)
+            Image.new("RGB", (size, size), color).save(root / wnid / f"{i}.jpg")
+    return root
+
+
+def ft_cfg(tmp_path, *overrides, out="ft"):
+    labelled_folder(tmp_path / "train")
+    labelled_folder(tmp_path / "val", per_class=3)
+    base = ["model.arch=vit_micro_patch8", "model.img_size=32", f"data.train_path={tmp_path / 'train'}",
+            f"data.val_path={tmp_path / 'val'}", "data.num_workers=0", "optim.batch_size=8",
+            "optim.epochs=2", "optim.warmup_epochs=1", "train.micro_batch=8", "train.device=cpu",
+            f"train.output_dir={tmp_path / out}", "eval.batch_size=4", "log.every_steps=1",
+            "model.drop_path=0.1"]
+    return load_config(DEFAULTS, None, base + list(overrides))
+
+
+def test_layer_decay_groups_follow_the_formula_for_vit_base():
+    model = build_classifier("vit_base_patch16", 224, 1000, "avg")
+    opt = build_optimizer(model, dict(DEFAULTS["optim"], layer_decay=0.65), "cpu")
+    depth = 12
+    seen = 0
+    for name, p in model.named_parameters():
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:  # fc_norm, head
+            layer = depth + 1
+        assert group["lr_scale"] == pytest.approx(0.65 ** (depth + 1 - layer)), name
+        no_decay = p.ndim <= 1 or name in ("pos_embed", "cls_token")
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        seen += 1
+    assert seen == len(list(model.parameters()))
+    assert not any(n.startswith("norm.") for n, _ in model.named_parameters())  # avg pool: fc_norm only
+
+
+def test_pos_embed_interpolation():
+    pe = torch.randn(1, 1 + 14 * 14, 8)
+    assert interpolate_pos_embed(pe, (14, 14)) is pe
+    const = torch.cat([torch.full((1, 1, 8), 7.0), torch.full((1, 196, 8), 0.5)], dim=1)
+    out = interpolate_pos_embed(const, (16, 16))
+    assert out.shape == (1, 1 + 256, 8)
+    assert torch.equal(out[:, :1], const[:, :1])  # cls token kept
+    torch.testing.assert_close(out[:, 1:], torch.full((1, 256, 8), 0.5))  # bicubic keeps a constant
+
+
+def _pretrain_file(tmp_path, arch="vit_micro_patch8", img_size=32):
+    torch.manual_seed(0)
+    student = build_mae(arch, img_size, 32, 1, 2)
+    teacher = {k: v + 1.0 for k, v in student.state_dict().items()}
+    path = tmp_path / "pre.pth"
+    torch.save({"format": ck.FORMAT, "student": student.state_dict(), "teacher": teacher}, path)
+    return path, student.state_dict(), teacher
+
+
+def test_backbone_readers_for_every_source(tmp_path):
+    path, student, teacher = _pretrain_file(tmp_path)
+    model = build_classifier("vit_micro_patch8", 32, 10, "avg")
+    report = load_backbone(model, path)  # ours: teacher by default
+    assert report["which"] == "teacher" and set(report["new"]) == {"head.weight", "head.bias",
+                                                                   "fc_norm.weight", "fc_norm.bias"}
+    assert torch.equal(model.blocks[0].attn.qkv.weight, teacher["blocks.0.attn.qkv.weight"])
+    assert "norm.weight" in report["dropped"] and "decoder_pred.weight" in report["dropped"]
+    load_backbone(model, path, "student")
+    assert torch.equal(model.blocks[0].attn.qkv.weight, student["blocks.0.attn.qkv.weight"])
+
+    torch.save({"student": {f"module.{k}": v for k, v in student.items()}, "teacher": teacher,
+                "epoch": 1}, tmp_path / "rcmae.pth")
+    assert load_backbone(model, tmp_path / "rcmae.pth")["source"] == "rcmae"
+    assert torch.equal(model.cls_token, teacher["cls_token"])
+    torch.save({"model": student}, tmp_path / "mae.pth")
+    assert load_backbone(model, tmp_path / "mae.pth")["which"] == "student"
+
+    # timm: a classifier with another head and pooling, as a bare state dict and under "state_dict"
+    vit = build_classifier("vit_micro_patch8", 32, 1000, "token")
+    torch.save(vit.state_dict(), tmp_path / "timm_bare.pth")
+    torch.save({"state_dict": vit.state_dict()}, tmp_path / "timm.pth")
+    for f in ("timm_bare.pth", "timm.pth"):
+        report = load_backbone(model, tmp_path / f)
+        assert report["source"] == "timm" and {"head.weight", "norm.weight"} <= set(report["dropped"])
+        assert torch.equal(model.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
+
+    # a larger input size: position embeddings interpolated, everything else loaded
+    big = build_classifier("vit_micro_patch8", 48, 10, "avg")
+    load_backbone(big, path)
+    assert big.pos_embed.shape[1] == 1 + 36 and torch.equal(big.pos_embed[:, 0], teacher["pos_embed"][:, 0])
+
+    with pytest.raises(ck.CheckpointError, match="shape mismatch"):
+        load_backbone(build_classifier("vit_mini_patch8", 32, 10, "avg"), path)
+    bad = dict(student, **{"blocks.0.extra": torch.zeros(1)})
+    torch.save({"model": bad}, tmp_path / "bad.pth")
+    with pytest.raises(ck.CheckpointError, match=r"unexpected \['blocks.0.extra'\]"):
+        load_backbone(model, tmp_path / "bad.pth")
+
+
+def test_saved_classifier_loads_into_timm_and_agrees(tmp_path):
+    torch.manual_seed(0)
+    ours = build_classifier("vit_tiny_patch16", 224, 1000, "avg").eval()
+    vit = timm.create_model("vit_tiny_patch16_224", global_pool="avg", num_classes=1000).eval()
+    vit.load_state_dict(classifier_state(ours))  # strict: no key surgery
+    x = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(vit(x), ours(x))
+
+    probe = build_classifier("vit_micro_patch8", 32, 5, "token")
+    linear_probe_head(probe)
+    probe.train()
+    for _ in range(3):  # give the BatchNorm real statistics
+        probe(torch.randn(8, 3, 32, 32) * 3 + 1)
+    probe.eval()
+    plain = build_classifier("vit_micro_patch8", 32, 5, "token").eval()
+    plain.load_state_dict(classifier_state(probe))  # BatchNorm folded into the linear head
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(plain(x), probe(x), rtol=1e-4, atol=1e-5)
+
+
+class Coded(Dataset):
+    """Image i is filled with its predicted class; labels make 5 of 7 predictions right."""
+
+    preds, labels = [0, 1, 2, 0, 1, 2, 0], [0, 1, 2, 0, 2, 1, 0]
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, item):
+        i, _ = item
+        return torch.full((3, 4, 4), float(self.preds[i])), self.labels[i], 0
+
+
+class OneHot(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float()
+
+
+def _distributed_worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    loader = shard_loader(Coded(), 2, 2, rank, 0, False)  # rank 0: 4 images, rank 1: 3
+    acc = evaluate(OneHot(), loader, torch.device("cpu"))
+    feats = torch.arange(rank, 7, 2, dtype=torch.float32)[:, None].repeat(1, 3)
+    idx = torch.arange(rank, 7, 2)
+    f, y = gather_in_order(feats, idx * 10, idx)
+    results[rank] = (acc, f[:, 0].tolist(), y.tolist())
+    torch.distributed.destroy_process_group()
+
+
+def test_exact_distributed_counting_with_an_uneven_split():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_distributed_worker, args=(port, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        acc, feats, labels = results[rank]
+        assert (acc["n"], acc["correct1"], acc["correct5"]) == (7, 5, 7)  # not 8: no padding
+        assert acc["top1"] == pytest.approx(500 / 7)
+        assert feats == list(range(7)) and labels == [10 * i for i in range(7)]
+    single = evaluate(OneHot(), shard_loader(Coded(), 3, 1, 0, 0, False), torch.device("cpu"))
+    assert single["correct1"] == 5 and single["n"] == 7
+
+
+def test_knn_weighted_vote_known_answer():
+    train = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [0.1, 0.9]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    val = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.6, 0.4]]), dim=1)
+    out = knn_classify(train, labels, val, torch.tensor([0, 1, 1]), 2, k=4, temperature=0.07)
+    assert out["knn_top1"] == pytest.approx(200 / 3)  # the third is closer to class 0
+    assert out["knn_top5"] == 100.0 and out["knn_n"] == 3
+    out = knn_classify(train, labels, val[:2], torch.tensor([0, 1]), 2, k=1)
+    assert out["knn_top1"] == 100.0
+
+
+def test_finetune_resume_is_exact(tmp_path):
+    # mixup/cutmix, RandAugment, random erasing and drop path all active
+    straight = main(ft_cfg(tmp_path, out="straight"))
+    main(ft_cfg(tmp_path, "train.stop_at_step=3", out="split"))
+    resumed = main(ft_cfg(tmp_path, out="split"))
+    assert straight["step"] == resumed["step"] == 4
+    a = torch.load(straight["checkpoint"], weights_only=True)
+    b = torch.load(resumed["checkpoint"], weights_only=True)
+    for k in a["train_model"]:
+        assert torch.equal(a["train_model"][k], b["train_model"][k]), k
+    assert a["eval"]["n"] == 6 and a["eval"] == b["eval"]
+    best = torch.load(tmp_path / "straight" / "classifier_best.pth", weights_only=True)
+    vit = build_classifier("vit_micro_patch8", 32, 2, "avg")
+    vit.load_state_dict(best["model"])  # strict
+
+
+def test_linear_probe_keeps_the_backbone_frozen(tmp_path):
+    path, _, teacher = _pretrain_file(tmp_path)
+    out = main(ft_cfg(tmp_path, "train.mode=linprobe", "model.global_pool=token", "optim.name=lars",
+                      "optim.base_lr=0.1", "optim.weight_decay=0.0", "aug.mixup=0.0", "aug.cutmix=0.0",
+                      "aug.smoothing=0.0", "aug.rand_augment=null", "aug.reprob=0.0",
+                      f"init.checkpoint={path}", out="lp"))
+    state = torch.load(out["checkpoint"], weights_only=True)
+    for k in ("blocks.0.attn.qkv.weight", "cls_token", "norm.weight"):
+        assert torch.equal(state["train_model"][k], teacher[k]), k
+    assert "head.0.running_mean" in state["train_model"] and state["model"]["head.weight"].shape == (2, 32)
+
+
+def test_unreadable_validation_image_is_counted_apart(tmp_path):
+    cfg = ft_cfg(tmp_path, "optim.epochs=1", out="bad")
+    (tmp_path / "val" / "n02123045" / "0.jpg").write_bytes(b"broken")
+    out = main(cfg)
+    assert out["eval"]["n"] == 5 and out["eval"]["unreadable"] == 1
+
+
+def test_bad_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.val_path: image folder"):
+        main(ft_cfg(tmp_path, f"data.val_path={tmp_path / 'none'}", out="e1"))
+    labelled_folder(tmp_path / "odd", classes=("cats", "dogs"))
+    with pytest.raises(ValueError, match="not ImageNet-1k wnids"):
+        main(ft_cfg(tmp_path, f"data.train_path={tmp_path / 'odd'}", "data.label_space=imagenet1k", out="e2"))

@@ -1,0 +1,23 @@
+# ViTDet Mask R-CNN, ViT-H (pretrained with patch 14; the patch embedding is resampled to 16 when
+# loaded), COCO, 75 epochs. Reported with MAE ViT-H: box AP 56.7, mask AP 50.2.
+from functools import partial
+
+from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
+
+from .mask_rcnn_vitdet_b_100ep import dataloader, datasets, lr_multiplier, model, optimizer, train
+
+model.backbone.net.embed_dim = 1280
+model.backbone.net.depth = 32
+model.backbone.net.num_heads = 16
+model.backbone.net.drop_path_rate = 0.5
+# the 224-px patch-14 pretraining has a 16x16 position grid: declare it (16 x 16 px) so the
+# checkpoint's pos_embed fits; ViT interpolates it to the 64x64 grid of 1024 px at run time
+model.backbone.net.pretrain_img_size = 256
+# global attention in blocks 7, 15, 23, 31; windowed elsewhere
+model.backbone.net.window_block_indexes = [i for i in range(32) if i not in (7, 15, 23, 31)]
+optimizer.params.lr_factor_func = partial(get_vit_lr_decay_rate, num_layers=32, lr_decay_rate=0.9)
+train.max_iter = 138281  # 75 epochs at batch 64
+lr_multiplier.scheduler.milestones = [int(0.889 * train.max_iter), int(0.963 * train.max_iter)]
+lr_multiplier.scheduler.num_updates = train.max_iter
+lr_multiplier.warmup_length = 250 / train.max_iter
+train.output_dir = "output/vitdet_h_75ep"

@@ -1,0 +1,172 @@
+"""ViTDet training and evaluation on detectron2 (one trainer loop with hooks, LazyConfig, AMP)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (AMPTrainer, SimpleTrainer, create_ddp_model, default_setup,
+                               default_writers, hooks)
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from .checkpoint import load_backbone
+from .data import build_coins_dataset, register_coco
+from .evaluation import COCOEval, write_results
+
+log = logging.getLogger("detection")
+
+
+def register_datasets(cfg, extra: list[tuple[str, str, str]] = ()) -> None:
+    """Datasets named in ``cfg.datasets`` and on the command line; ``{demo}`` is the coins set."""
+    entries = [(name, d["json_file"], d["image_root"]) for name, d in cfg.get("datasets", {}).items()]
+    entries += list(extra)
+    for name, json_file, image_root in entries:
+        if "{demo}" in json_file or "{demo}" in image_root:
+            demo = Path(cfg.train.output_dir) / "demo_data"
+            if comm.is_main_process():
+                build_coins_dataset(demo)
+            comm.synchronize()
+            json_file, image_root = json_file.format(demo=demo), image_root.format(demo=demo)
+        register_coco(name, json_file, image_root)
+
+
+def do_test(cfg, model) -> dict:
+    names = cfg.dataloader.test.dataset.names
+    loader = instantiate(cfg.dataloader.test)
+    evaluator = COCOEval(names, output_dir=os.path.join(cfg.train.output_dir, "inference"),
+                         distributed=comm.get_world_size() > 1)
+    results = inference_on_dataset(model, loader, evaluator)
+    if comm.is_main_process():
+        print_csv_format(results)
+        write_results(results, cfg.train.output_dir, "eval_results")
+    return results
+
+
+def build_model(cfg):
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    return model
+
+
+def do_train(cfg, resume: bool):
+    model = build_model(cfg)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    ddp = create_ddp_model(model, **cfg.train.ddp)
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(ddp, train_loader, optimizer)
+    checkpointer = DetectionCheckpointer(ddp, cfg.train.output_dir, trainer=trainer)
+    main_process = comm.is_main_process()
+    trainer.register_hooks([
+        hooks.IterationTimer(),
+        hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+        hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
+        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                             period=cfg.train.log_period) if main_process else None,
+    ])
+    start_iter = 0
+    if resume and checkpointer.has_checkpoint():
+        checkpointer.resume_or_load("", resume=True)  # the output dir's last_checkpoint pointer
+        start_iter = trainer.iter + 1
+        log.info("resumed at iteration %d", start_iter)
+    elif cfg.train.init_checkpoint:
+        load_backbone(model, cfg.train.init_checkpoint, cfg.train.get("init_which", "auto"))
+    else:
+        log.warning("train.init_checkpoint is empty: the backbone starts from random weights")
+    trainer.train(start_iter, cfg.train.max_iter)
+    return model
+
+
+def setup(args):
+    cfg = LazyConfig.load(args.config_file)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        log.warning("no GPU: training on the CPU without AMP")
+        cfg.train.device = "cpu"
+        cfg.train.amp.enabled = False
+    default_setup(cfg, args)  # logging, seeds, environment info, output_dir/config.yaml
+    return cfg
+
+
+def main(args) -> dict:
+    """Train (and evaluate every ``train.eval_period``), or ``--eval-only`` a detectron2 checkpoint
+    (``train.init_checkpoint``, or the output dir's last one with ``--resume``)."""
+    cfg = setup(args)
+    register_datasets(cfg, args.dataset or [])
+    out = Path(cfg.train.output_dir).resolve()
+    if args.eval_only:
+        model = create_ddp_model(build_model(cfg))
+        DetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint,
+                                                                          resume=args.resume)
+        results = do_test(cfg, model)
+    else:
+        model = do_train(cfg, args.resume)  # its EvalHook evaluates after the last iteration
+        results = json.loads((out / "eval_results.json").read_text())
+    summary = {"output_dir": str(out), "results": str(out / "eval_results.json"),
+               "table": str(out / "eval_results.md"), "metrics": str(out / "metrics.json")}
+    if comm.is_main_process():
+        summary["visualization"] = str(visualize(cfg, model, out / "predictions.png"))
+    summary["box_AP"], summary["mask_AP"] = results["bbox"]["AP"], results["segm"]["AP"]
+    return summary
+
+
+@torch.no_grad()
+def visualize(cfg, model, path: Path, max_images: int = 2, threshold: float = 0.5) -> Path:
+    """Predictions (score >= threshold: mask, box, score) on the first test images, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    loader = instantiate(cfg.dataloader.test)
+    was_training = model.training
+    model.eval()
+    shown = []
+    for batch in loader:
+        for inp, out in zip(batch, model(batch)):
+            inst = out["instances"].to("cpu")
+            shown.append((np.asarray(Image.open(inp["file_name"]).convert("RGB")), inst[inst.scores >= threshold]))
+        if len(shown) >= max_images:
+            break
+    model.train(was_training)
+    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 5), squeeze=False)
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))[:, :3]
+    for ax, (img, inst) in zip(axes[0], shown):
+        overlay = img.astype(float) / 255
+        for i, mask in enumerate(inst.pred_masks.numpy() if inst.has("pred_masks") else []):
+            overlay[mask] = 0.5 * overlay[mask] + 0.5 * colors[i % 20]
+        ax.imshow(overlay)
+        for i, (box, score) in enumerate(zip(inst.pred_boxes.tensor.numpy(), inst.scores.numpy())):
+            x0, y0, x1, y1 = box
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colors[i % 20], lw=1.5))
+            ax.text(x0, y0, f"{score:.2f}", color="white", fontsize=7, backgroundcolor=colors[i % 20])
+        ax.set_title(f"{len(inst)} detections (score >= {threshold})")
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    log.info("predictions drawn in %s", path)
+    return path
+
+
+def run_job(job: dict) -> dict:
+    """Entry of a SLURM / torchrun task: the process group comes from the environment (one process
+    per GPU), then ``main`` as detectron2's own launcher would run it."""
+    import argparse
+
+    from pretrain.distributed import init_distributed
+
+    args = argparse.Namespace(**job["args"])
+    args.resume = args.resume or job["train"].get("resume") == "auto"
+    env = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    if env.world_size > 1:
+        comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count())))
+    return main(args)

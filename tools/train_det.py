@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""ViTDet Mask R-CNN on COCO-format data with detectron2, from RC-MAE / MAE backbones.
+
+  python tools/train_det.py                          # CPU demo: configs/detection/demo_tiny.py on `coins`
+  python tools/train_det.py --config-file configs/detection/mask_rcnn_vitdet_b_100ep.py --num-gpus 8 \\
+      train.init_checkpoint=output/rcmae_vit_base/checkpoint_....pth
+  python tools/train_det.py --config-file ... --eval-only train.init_checkpoint=output/vitdet_b_100ep/model_final.pth
+  python tools/train_det.py --config-file ... --slurm --nodes 8 --gpus-per-node 8 --partition P --timeout 4320
+  # any COCO-format set: --dataset NAME JSON IMAGE_ROOT dataloader.train.dataset.names=NAME ...
+"""
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+
+from detectron2.config import LazyConfig  # noqa: E402
+from detectron2.engine import default_argument_parser, launch as d2_launch  # noqa: E402
+
+from detection.data import DatasetError  # noqa: E402
+from detection.train import main, run_job  # noqa: E402
+from pretrain.checkpoint import CheckpointError  # noqa: E402
+from pretrain.launcher import add_launch_args, launch  # noqa: E402
+
+DEMO = ROOT / "configs" / "detection" / "demo_tiny.py"
+
+
+def parse_args(argv=None):
+    p = default_argument_parser(epilog=__doc__)  # --config-file --resume --eval-only --num-gpus ...
+    p.add_argument("--dataset", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                   help="register a COCO-format dataset (repeatable)")
+    add_launch_args(p)
+    args = p.parse_args(argv)
+    args.config_file = args.config_file or str(DEMO)
+    return args
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.slurm:  # one task per GPU through submitit, requeued + resumed on timeout
+            cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+            keep = ("config_file", "resume", "eval_only", "opts", "dataset", "num_gpus",
+                    "num_machines", "machine_rank", "dist_url")
+            job = {"args": {k: getattr(args, k) for k in keep},
+                   "train": {"output_dir": cfg.train.output_dir, "resume": None}}
+            return launch(run_job, job, args, name="vitdet")
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+            return run_job({"args": vars(args), "train": {}})
+        if args.num_gpus * args.num_machines <= 1:
+            result = main(args)
+        else:  # detectron2's launcher: one process per GPU on this machine
+            result = d2_launch(main, args.num_gpus, num_machines=args.num_machines,
+                               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except (CheckpointError, DatasetError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if isinstance(result, dict):
+        print("\ndone. outputs:")
+        for key, value in result.items():
+            print(f"  {key:15s} {value}")
+    return result
+
+
+if __name__ == "__main__":
+    run()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from pretrain.distributed import all_reduce
+from tqdm import tqdm
+
+from pretrain.distributed import all_reduce, world_rank
 
 
 class ShardSampler(Sampler):
@@ -27,16 +29,19 @@ def shard_loader(dataset, batch_size: int, world: int, rank: int, num_workers: i
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype=None,
-             class_mask: torch.Tensor | None = None) -> dict:
+             class_mask: torch.Tensor | None = None, progress: str | None = None) -> dict:
     """Top-1 / top-5 accuracy (%) over this process's shard, summed over all processes.
 
     ``class_mask`` (bool, num_classes) restricts the logits to a class subset before the argmax.
-    Unreadable images (label -1) are counted apart, never as predictions.
+    Unreadable images (label -1) are counted apart, never as predictions. ``progress``: the label
+    of a progress bar (shown on the main process only).
     """
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, n, unreadable
-    for imgs, labels, _ in loader:
+    bar = tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True,
+               disable=progress is None or world_rank() != 0)
+    for imgs, labels, _ in bar:
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(imgs).float()

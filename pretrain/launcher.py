@@ -117,10 +117,11 @@ def launch(main: Callable[[dict], dict], cfg: dict, args: argparse.Namespace, na
 
 
 def run_cli(argv, *, defaults: dict, main: Callable[[dict], dict], demo_config: Path, name: str,
-            description: str, errors: tuple = ()):
+            description: str, errors: tuple = (), add_args=None, args_to_overrides=None):
     """The command line every tool shares: ``--config-file`` (default: the tool's demo),
     ``key.sub=value`` overrides, ``--output-dir``, ``--resume [PATH]`` / ``--no-resume``, and the
-    cluster options; runs here or submits, and prints where the outputs are."""
+    cluster options; runs here or submits, and prints where the outputs are. A tool may add flags
+    (``add_args(parser)``) that become overrides (``args_to_overrides(args) -> ["key=value", ...]``)."""
     import sys
 
     from .checkpoint import CheckpointError
@@ -135,9 +136,11 @@ def run_cli(argv, *, defaults: dict, main: Callable[[dict], dict], demo_config: 
     p.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
     p.add_argument("--output-dir", default=None, help="same as train.output_dir=...")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    if add_args is not None:
+        add_args(p)
     add_launch_args(p)
     args = p.parse_args(argv)
-    overrides = list(args.overrides)
+    overrides = (args_to_overrides(args) if args_to_overrides else []) + list(args.overrides)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     if args.resume:

@@ -1,0 +1,1 @@
+"""Robustness evaluation of ImageNet classifiers: ImageNet-C (mCE), -A, -R, -Sketch."""

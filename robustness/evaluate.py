@@ -204,6 +204,7 @@ def plot(c: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    ax1.set_prop_cycle(color=plt.cm.tab20(range(20)))  # 19 corruptions: 19 colours
     for name, e in c["error"].items():
         ax1.plot(sorted(e), [e[s] for s in sorted(e)], marker="o", label=name,
                  linestyle="-" if name in BENCHMARK else "--")

@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Generate the ImageNet-C layout (<out>/<corruption>/<severity>/<wnid>/<image>.JPEG) from any
+ImageNet-style folder, as the benchmark was made: resize 256, centre crop 224, corrupt, JPEG quality 85.
+Resumable (finished files are kept), parallel, with a progress bar.
+
+  python tools/make_imagenet_c.py --val /data/imagenet/val --out /data/imagenet-c-regen --workers 16
+  python tools/make_imagenet_c.py --val DIR --out DIR --corruptions fog snow --severities 1 5
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from robustness.data import make_imagenet_c  # noqa: E402
+from robustness.metrics import BENCHMARK, EXTRA, SEVERITIES  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--val", required=True, help="ImageNet-style folder: <val>/<wnid>/<image>")
+    p.add_argument("--out", required=True)
+    p.add_argument("--corruptions", nargs="+", default=list(BENCHMARK + EXTRA), choices=list(BENCHMARK + EXTRA),
+                   metavar="NAME", help="default: the 15 benchmark corruptions and the 4 extra ones")
+    p.add_argument("--severities", nargs="+", type=int, default=list(SEVERITIES), choices=list(SEVERITIES))
+    p.add_argument("--workers", type=int, default=1)
+    args = p.parse_args(argv)
+    try:
+        written = make_imagenet_c(args.val, args.out, args.corruptions, args.severities, args.workers)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {written} images under {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -80,6 +80,28 @@ def build_demo_labelled(root: str | Path, train_per_class: int = 24, val_per_cla
     return root
 
 
+def labelled_pair(d: dict, out_dir: Path, is_main: bool, section: str = "data",
+                  demo_dir: str = "demo_data") -> tuple:
+    """(train_path, val_path, label_space) of a config section with ``source`` (folder / demo),
+    ``train_path``, ``val_path``, ``label_space``; the demo set is built (by the main process) under
+    ``out_dir / demo_dir``."""
+    from pretrain.config import ConfigError
+    from pretrain.distributed import barrier
+
+    if d["source"] == "demo":
+        root = Path(out_dir) / demo_dir
+        if is_main:
+            build_demo_labelled(root)
+        barrier()
+        return root / "train", root / "val", "imagenet1k"
+    if d["source"] != "folder":
+        raise ConfigError(f"{section}.source must be folder or demo, got {d['source']!r}")
+    if not d["train_path"] or not d["val_path"]:
+        raise ConfigError(f"{section}.train_path and {section}.val_path are required (labelled ImageFolder "
+                          "trees, e.g. imagenet/train and imagenet/val), or set source: demo")
+    return d["train_path"], d["val_path"], d["label_space"]
+
+
 def train_transform(img_size: int, aug: dict, mode: str):
     """Fine-tuning: timm's RandAugment / random-erasing pipeline; linear probing: crop + flip only."""
     if mode == "linprobe":

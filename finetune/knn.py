@@ -16,7 +16,7 @@ def extract_features(backbone, loader, device, amp_dtype=None, pool: str = "cls"
     """L2-normalised features and labels of the loader's shard, with their dataset indices."""
     was_training = backbone.training
     backbone.eval()
-    feats, labels, indices = [], [], []
+    feats, labels = [], []
     for imgs, y, _ in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             tokens = backbone.forward_features(imgs.to(device, non_blocking=True))

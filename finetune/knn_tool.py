@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 import logging
 
-from pretrain.config import ConfigError
-from pretrain.distributed import barrier, cleanup
 from pretrain.train import KNN_DEFAULTS, start_run
 
-from .data import build_demo_labelled, eval_dataset
+from .data import eval_dataset, labelled_pair
 from .knn import knn_evaluate
 from .models import build_classifier, load_backbone
 
@@ -25,17 +23,9 @@ DEFAULTS = {
 
 
 def main(cfg: dict) -> dict:
-    run = start_run(cfg, "finetune")
+    run = start_run(cfg)
     m, d = cfg["model"], cfg["data"]
-    train_path, val_path, label_space = d["train_path"], d["val_path"], d["label_space"]
-    if d["source"] == "demo":
-        root = run.out_dir / "demo_data"
-        if run.env.is_main:
-            build_demo_labelled(root)
-        barrier()
-        train_path, val_path, label_space = root / "train", root / "val", "imagenet1k"
-    if not train_path or not val_path:
-        raise ConfigError("data.train_path and data.val_path are required (labelled ImageFolder trees)")
+    train_path, val_path, label_space = labelled_pair(d, run.out_dir, run.env.is_main)
     sets = [eval_dataset(p, label_space, m["img_size"], d["crop_pct"], what)
             for p, what in ((train_path, "data.train_path"), (val_path, "data.val_path"))]
     (train_set, num_classes), (val_set, _) = sets
@@ -53,6 +43,5 @@ def main(cfg: dict) -> dict:
     path = run.out_dir / "knn.json"
     if run.env.is_main:
         path.write_text(json.dumps(result, indent=2) + "\n")
-    cleanup()
     return {"output_dir": str(run.out_dir), "result": str(path), **{k: v for k, v in result.items()
                                                                      if k.startswith("knn")}}

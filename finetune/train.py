@@ -19,13 +19,13 @@ from tqdm import tqdm
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError
 from pretrain.data import GlobalBatchSampler, SeededImages, sample_seed, seeded
-from pretrain.distributed import all_gather_objects, barrier, cleanup
+from pretrain.distributed import all_gather_objects, barrier
 from pretrain.engine import TrainStep
 from pretrain.rcmae import lr_at
 from pretrain.train import (MetricLogger, accumulation_steps, rng_state,
                             set_rng_state, start_run, warn_config_changes)
 
-from .data import build_demo_labelled, eval_dataset, labelled_images, train_transform
+from .data import eval_dataset, labelled_images, labelled_pair, train_transform
 from .evaluate import evaluate, shard_loader
 from .models import build_classifier, classifier_state, init_head, linear_probe_head, load_backbone
 
@@ -98,18 +98,7 @@ def build_criterion(aug: dict, num_classes: int):
 
 def datasets(cfg: dict, run, mode: str):
     d, size = cfg["data"], cfg["model"]["img_size"]
-    train_path, val_path, label_space = d["train_path"], d["val_path"], d["label_space"]
-    if d["source"] == "demo":
-        root = run.out_dir / "demo_data"
-        if run.env.is_main:
-            build_demo_labelled(root)
-        barrier()
-        train_path, val_path, label_space = root / "train", root / "val", "imagenet1k"
-    elif d["source"] != "folder":
-        raise ConfigError("data.source must be folder or demo")
-    if not train_path or not val_path:
-        raise ConfigError("data.train_path and data.val_path are required (ImageFolder trees, "
-                          "e.g. imagenet/train and imagenet/val)")
+    train_path, val_path, label_space = labelled_pair(d, run.out_dir, run.env.is_main)
     paths, labels, num_classes = labelled_images(train_path, label_space, "data.train_path")
     train = SeededImages(paths, train_transform(size, cfg["aug"], mode), labels)
     val, val_classes = eval_dataset(val_path, label_space, size, d["crop_pct"], "data.val_path")
@@ -120,7 +109,7 @@ def datasets(cfg: dict, run, mode: str):
 
 
 def main(cfg: dict) -> dict:
-    run = start_run(cfg, "finetune")
+    run = start_run(cfg)
     env, device, out_dir = run.env, run.device, run.out_dir
     t, m, o, mode = cfg["train"], cfg["model"], cfg["optim"], cfg["train"]["mode"]
     if mode not in ("finetune", "linprobe"):
@@ -255,5 +244,4 @@ def main(cfg: dict) -> dict:
     if env.is_main and best["top1"] >= 0:
         log.info("best top-1 %.2f (epoch %d)", best["top1"], best["epoch"])
     barrier()
-    cleanup()
     return summary

@@ -35,6 +35,16 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--job-dir", default=None, help="submitit logs (default <output_dir>/submitit)")
 
 
+def run_main(main: Callable[[dict], dict], cfg: dict) -> dict:
+    """``main(cfg)``, then leave the process group (a main may call another: the demos do)."""
+    from .distributed import cleanup
+
+    try:
+        return main(cfg)
+    finally:
+        cleanup()
+
+
 class Job:
     """The picklable job submitit runs on each task."""
 
@@ -46,7 +56,7 @@ class Job:
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
                                                                 overwrite=True)
-        return self.main(self.cfg)
+        return run_main(self.main, self.cfg)
 
     def checkpoint(self):
         import submitit
@@ -93,7 +103,7 @@ def sbatch_preview(params: dict, folder: Path) -> str:
 def launch(main: Callable[[dict], dict], cfg: dict, args: argparse.Namespace, name: str):
     """Run ``main(cfg)`` in this process, or submit it (``--slurm``); returns the result or the job."""
     if not args.slurm:
-        return main(cfg)
+        return run_main(main, cfg)
     import submitit
 
     out_dir = Path(cfg["train"]["output_dir"]).resolve()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import resource
 import sys
@@ -22,7 +21,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, flatten, save_config
 from .data import (GlobalBatchSampler, SeededImages, SyntheticImages, build_demo_folder,
                    list_images, pretrain_transform)
-from .distributed import (DistEnv, all_gather_objects, all_reduce, barrier, cleanup, init_distributed,
+from .distributed import (DistEnv, all_gather_objects, all_reduce, barrier, init_distributed,
                           world_size)
 from .engine import TrainStep, build_optimizer, mask_noise
 from .models import ARCHS, build_mae, is_encoder_key
@@ -102,21 +101,26 @@ def resolve_precision(precision: str, device_type: str) -> tuple[str, torch.dtyp
     return precision, AMP_DTYPES[precision]
 
 
-def setup_logging(out_dir: Path, is_main: bool, name: str = "pretrain") -> None:
-    """Log package ``name`` to stdout and (rank 0) ``log.txt``; other loggers are left alone."""
-    logger = logging.getLogger(name)
-    for handler in logger.handlers[:]:
-        logger.removeHandler(handler)
-        handler.close()
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    logger.propagate = False
+PACKAGES = ("pretrain", "finetune", "robustness", "detection")
+
+
+def setup_logging(out_dir: Path, is_main: bool) -> None:
+    """Log this project's packages to stdout and (rank 0) ``log.txt``; other loggers are left alone."""
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
     handlers = [logging.StreamHandler(sys.stdout)]
     if is_main:
         handlers.append(logging.FileHandler(out_dir / "log.txt"))
     for handler in handlers:
         handler.setFormatter(fmt)
-        logger.addHandler(handler)
+    for name in PACKAGES:
+        logger = logging.getLogger(name)
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)
+            handler.close()
+        logger.setLevel(logging.INFO if is_main else logging.WARNING)
+        logger.propagate = False
+        for handler in handlers:
+            logger.addHandler(handler)
 
 
 def build_dataset(cfg: dict, out_dir: Path, is_main: bool):
@@ -206,15 +210,9 @@ def knn_datasets(cfg: dict, out_dir: Path, is_main: bool):
     knn = cfg["knn"]
     if not knn["every_epochs"]:
         return None
-    from finetune.data import build_demo_labelled, eval_dataset  # downstream package, imported lazily
+    from finetune.data import eval_dataset, labelled_pair  # downstream package, imported lazily
 
-    train_path, val_path, label_space = knn["train_path"], knn["val_path"], knn["label_space"]
-    if knn["source"] == "demo":
-        root = out_dir / "knn_demo_data"
-        if is_main:
-            build_demo_labelled(root)
-        barrier()
-        train_path, val_path, label_space = root / "train", root / "val", "imagenet1k"
+    train_path, val_path, label_space = labelled_pair(knn, out_dir, is_main, "knn", "knn_demo_data")
     size = cfg["model"]["img_size"]
     (train, num_classes), (val, _) = [eval_dataset(p, label_space, size, knn["crop_pct"], what)
                                       for p, what in ((train_path, "knn.train_path"),
@@ -319,7 +317,7 @@ class Run:
     amp_dtype: torch.dtype | None
 
 
-def start_run(cfg: dict, package: str) -> Run:
+def start_run(cfg: dict) -> Run:
     """Join the process group, pick the device and precision, prepare the output directory
     (stale temporary files removed, logging, resolved config saved)."""
     t = cfg["train"]
@@ -332,7 +330,7 @@ def start_run(cfg: dict, package: str) -> Run:
         for stale in out_dir.glob("*.tmp"):  # half-written files of an interrupted save
             stale.unlink()
     barrier()
-    setup_logging(out_dir, env.is_main, package)
+    setup_logging(out_dir, env.is_main)
     if env.is_main:
         save_config(cfg, out_dir / "config.yaml")
     return Run(env, device, out_dir, *resolve_precision(t["precision"], device_type))
@@ -341,7 +339,7 @@ def start_run(cfg: dict, package: str) -> Run:
 def main(cfg: dict) -> dict:
     """Train; returns a summary (output paths, last metrics). Safe to call again after a requeue."""
     t = cfg["train"]
-    run = start_run(cfg, "pretrain")
+    run = start_run(cfg)
     env, device, out_dir, precision, amp_dtype = (run.env, run.device, run.out_dir, run.precision,
                                                   run.amp_dtype)
     device_type = device.type
@@ -467,5 +465,4 @@ def main(cfg: dict) -> dict:
     figs = sorted(out_dir.glob("reconstruction_epoch*.png"))
     summary["reconstruction"] = str(figs[-1]) if figs else ""
     barrier()
-    cleanup()
     return summary

@@ -8,16 +8,15 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from finetune.data import eval_dataset
 from finetune.evaluate import evaluate, shard_loader
 from finetune.models import build_classifier
 from pretrain.checkpoint import CheckpointError, read_checkpoint
 from pretrain.config import ConfigError, load_config
-from pretrain.distributed import barrier, cleanup
+from pretrain.distributed import barrier
 from pretrain.models import ARCHS
-from pretrain.train import start_run
+from pretrain.train import setup_logging, start_run
 
 from .data import build_demo_benchmarks, class_mask, imagenet_c_cells, imagenet_c_dataset
 from .metrics import BENCHMARK, EXTRA, SEVERITIES, corruption_errors
@@ -89,11 +88,12 @@ def demo_inputs(cfg: dict, run) -> dict:
                                                           f"train.device={run.device.type}"])
         log.info("no model.checkpoint: fine-tuning the demo classifier first (%s)", DEMO_FINETUNE)
         cfg["model"]["checkpoint"] = finetune(ft_cfg)["best_classifier"]
+        setup_logging(run.out_dir, run.env.is_main)  # fine-tuning logged to its own directory
     return cfg
 
 
 def main(cfg: dict) -> dict:
-    run = start_run(cfg, "robustness")
+    run = start_run(cfg)
     d = cfg["data"]
     if not any(d[k] for k in DATASETS):
         cfg = demo_inputs(cfg, run)
@@ -142,7 +142,6 @@ def main(cfg: dict) -> dict:
                                                         "imagenet_sketch")[0], "ImageNet-Sketch")
     paths = write_outputs(results, run.out_dir) if env.is_main else {}
     barrier()
-    cleanup()
     return {"output_dir": str(run.out_dir), **paths}
 
 

@@ -16,7 +16,7 @@ from pretrain.config import load_config
 from pretrain.models import build_mae
 from robustness.data import JPEG_QUALITY, class_mask, make_imagenet_c
 from robustness.evaluate import DEFAULTS, load_classifier, main
-from robustness.metrics import ALEXNET_CLEAN_ERR, ALEXNET_ERR, BENCHMARK, EXTRA, SEVERITIES, corruption_errors
+from robustness.metrics import ALEXNET_CLEAN_ERR, ALEXNET_ERR, SEVERITIES, corruption_errors
 
 from conftest import ROOT
 

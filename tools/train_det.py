@@ -41,10 +41,12 @@ def run(argv=None):
     try:
         if args.slurm:  # one task per GPU through submitit, requeued + resumed on timeout
             cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+            out = str(Path(cfg.train.output_dir).resolve())  # the tasks may start elsewhere
+            args.opts = [*args.opts, f"train.output_dir={out}"]
+            args.config_file = str(Path(args.config_file).resolve())
             keep = ("config_file", "resume", "eval_only", "opts", "dataset", "num_gpus",
                     "num_machines", "machine_rank", "dist_url")
-            job = {"args": {k: getattr(args, k) for k in keep},
-                   "train": {"output_dir": cfg.train.output_dir, "resume": None}}
+            job = {"args": {k: getattr(args, k) for k in keep}, "train": {"output_dir": out, "resume": None}}
             return launch(run_job, job, args, name="vitdet")
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
             return run_job({"args": vars(args), "train": {}})

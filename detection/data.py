@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
-    pass
+    """A COCO-format dataset that cannot be used (the message names the file and the problem)."""
 
 
 def validate_coco_json(json_file: str | Path, image_root: str | Path) -> dict:

@@ -123,8 +123,7 @@ def main(cfg: dict) -> dict:
     torch.manual_seed(t["seed"])
     model = build_classifier(m["arch"], m["img_size"], num_classes, m["global_pool"],
                              m["drop_path"] if mode == "finetune" else 0.0)
-    resume_path = ckpt.find_last_checkpoint(out_dir) if t["resume"] == "auto" else (
-        None if t["resume"] in (None, "none", False) else t["resume"])
+    resume_path = ckpt.resume_path(t["resume"], out_dir)
     if cfg["init"]["checkpoint"] and resume_path is None:
         load_backbone(model, cfg["init"]["checkpoint"], cfg["init"]["which"])
     init_head(model, m["head_init_std"])
@@ -180,10 +179,12 @@ def main(cfg: dict) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", file=sys.stdout,
                dynamic_ncols=True, mininterval=1.0)
 
+    # what every saved classifier says about itself (robustness/ rebuilds the model from it)
+    describe = {"format": ckpt.CLASSIFIER_FORMAT, "arch": m["arch"], "img_size": m["img_size"],
+                "global_pool": m["global_pool"], "num_classes": num_classes, "mode": mode}
+
     def save_state(step_done: int, result: dict | None) -> None:
-        state = {"format": ckpt.CLASSIFIER_FORMAT, "arch": m["arch"], "img_size": m["img_size"],
-                 "global_pool": m["global_pool"], "num_classes": num_classes, "mode": mode,
-                 "model": classifier_state(model), "train_model": model.state_dict(),
+        state = {**describe, "model": classifier_state(model), "train_model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                  "step": step_done, "epoch": step_done // steps_per_epoch, "best": best,
                  "eval": result, "rng": all_gather_objects(rng_state()), "config": cfg}
@@ -227,10 +228,7 @@ def main(cfg: dict) -> dict:
                 if result["top1"] > best["top1"]:
                     best = {**result, "epoch": epoch, "step": step}
                     if env.is_main:
-                        ckpt.atomic_save({"format": ckpt.CLASSIFIER_FORMAT, "arch": m["arch"],
-                                          "img_size": m["img_size"], "global_pool": m["global_pool"],
-                                          "num_classes": num_classes, "mode": mode,
-                                          "model": classifier_state(model), "eval": result,
+                        ckpt.atomic_save({**describe, "model": classifier_state(model), "eval": result,
                                           "config": cfg}, out_dir / "classifier_best.pth")
             if save_now:
                 save_state(step, result)

@@ -30,7 +30,7 @@ FIXED_KEYS = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos: recomputed, ne
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be read or does not fit the model (the message says which and why)."""
 
 
 # ----------------------------------------------------------------------------- writing
@@ -58,6 +58,13 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int) -> P
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(p for p in Path(out_dir).glob("checkpoint_*.pth")
                   if re.fullmatch(r"checkpoint_\d+\.pth", p.name))
+
+
+def resume_path(resume, out_dir: str | Path) -> Path | None:
+    """``train.resume``: ``auto`` (the output dir's last checkpoint, if any), ``none``, or a file."""
+    if resume == "auto":
+        return find_last_checkpoint(out_dir)
+    return None if resume in (None, "none", False) else Path(resume)
 
 
 def find_last_checkpoint(out_dir: str | Path) -> Path | None:

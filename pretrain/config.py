@@ -17,7 +17,7 @@ SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
-    pass
+    """A config key, value or combination that cannot work (the message names the key)."""
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:

@@ -55,7 +55,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A loss was NaN or infinite: the run stops, its last checkpoint holds the last good weights."""
 
 
 def validate(cfg: dict, world: int) -> int:
@@ -167,12 +167,7 @@ def warn_config_changes(saved: dict, cfg: dict) -> None:
 def restore(cfg: dict, model: RCMAE, optimizer, param_names, scaler, steps_per_epoch: int,
             out_dir: Path, rank: int) -> int:
     """Resume (auto / a file) or initialise from a checkpoint; returns the first step to run."""
-    resume = cfg["train"]["resume"]
-    path = None
-    if resume == "auto":
-        path = ckpt.find_last_checkpoint(out_dir)
-    elif resume not in (None, "none", False):
-        path = Path(resume)
+    path = ckpt.resume_path(cfg["train"]["resume"], out_dir)
     if path is not None:
         c = ckpt.read_checkpoint(path)
         log.info("resuming from %s (%s checkpoint)", path, c.source)

@@ -12,15 +12,13 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars
 from timm.optim._param_groups import param_groups_layer_decay
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError
-from pretrain.data import GlobalBatchSampler, SeededImages, sample_seed, seeded
+from pretrain.data import SeededImages, sample_seed, seeded, train_batches
 from pretrain.distributed import all_gather_objects, barrier
-from pretrain.engine import TrainStep
+from pretrain.engine import TrainStep, training_forward
 from pretrain.rcmae import lr_at
 from pretrain.train import (MetricLogger, accumulation_steps, rng_state,
                             set_rng_state, start_run, warn_config_changes)
@@ -154,19 +152,12 @@ def main(cfg: dict) -> dict:
         log.info("resumed from %s at step %d", resume_path, step)
     stop_step = min(total_steps, t["stop_at_step"] or total_steps)
 
-    forward = ClassifierLoss(model, criterion)
-    if env.world_size > 1:
-        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
-    if t["compile"]:
-        forward = torch.compile(forward)
+    forward = training_forward(ClassifierLoss(model, criterion), env.world_size, device, t["compile"])
     step_fn = TrainStep(model, forward, optimizer, run.amp_dtype, device, o["clip_grad"], scaler,
                         after_step=lambda _: None, metric_keys=("loss",))
     workers = cfg["data"]["num_workers"]
-    loader = iter(DataLoader(train_set, batch_size=t["micro_batch"], num_workers=workers,
-                             sampler=GlobalBatchSampler(len(train_set), t["micro_batch"], accum,
-                                                        env.world_size, env.rank, t["seed"], step),
-                             pin_memory=device.type == "cuda", drop_last=True,
-                             persistent_workers=workers > 0))
+    loader = train_batches(train_set, t["micro_batch"], accum, env.world_size, env.rank, t["seed"], step,
+                           workers, device.type == "cuda")
     val_loader = shard_loader(val_set, cfg["eval"]["batch_size"], env.world_size, env.rank, workers,
                               device.type == "cuda")
     log.info("%s %s (%d classes) on %d train / %d val images; %d process(es), micro-batch %d x accum %d "

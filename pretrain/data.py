@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset, find_classes
 
@@ -172,6 +172,14 @@ class GlobalBatchSampler(Sampler):
                     for i in perm[start:start + self.micro_batch]:
                         yield i, sample_seed(self.seed, epoch, i)
             step = (epoch + 1) * self.steps_per_epoch
+
+
+def train_batches(dataset, micro_batch: int, accum: int, world: int, rank: int, seed: int,
+                  start_step: int, num_workers: int, pin_memory: bool):
+    """Endless iterator over this process's micro-batches from optimizer step ``start_step`` on."""
+    sampler = GlobalBatchSampler(len(dataset), micro_batch, accum, world, rank, seed, start_step)
+    return iter(DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
+                           pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0))
 
 
 def build_demo_folder(root: str | Path, crops_per_photo: int = 32, size: int = 96,

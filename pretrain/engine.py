@@ -5,6 +5,7 @@ import contextlib
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
@@ -42,6 +43,15 @@ def mask_noise(seed: int, step: int, global_batch: int, num_patches: int, device
     g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
     shape = (2, global_batch, num_patches) if different_teacher_mask else (global_batch, num_patches)
     return torch.rand(shape, generator=g, device=device)
+
+
+def training_forward(module: nn.Module, world_size: int, device: torch.device, compile: bool) -> nn.Module:
+    """What the step calls: ``module`` under DDP when there are several processes, then compiled
+    on request (``torch.compile``)."""
+    forward = module
+    if world_size > 1:
+        forward = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(forward) if compile else forward
 
 
 class TrainStep:

@@ -13,17 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, flatten, save_config
-from .data import (GlobalBatchSampler, SeededImages, SyntheticImages, build_demo_folder,
-                   list_images, pretrain_transform)
+from .data import (SeededImages, SyntheticImages, build_demo_folder, list_images, pretrain_transform,
+                   train_batches)
 from .distributed import (DistEnv, all_gather_objects, all_reduce, barrier, init_distributed,
                           world_size)
-from .engine import TrainStep, build_optimizer, mask_noise
+from .engine import TrainStep, build_optimizer, mask_noise, training_forward
 from .models import ARCHS, build_mae, is_encoder_key
 from .rcmae import RCMAE, lr_at, momentum_at
 from .visualize import save_reconstruction
@@ -360,19 +358,11 @@ def main(cfg: dict) -> dict:
     start_step = restore(cfg, model, optimizer, param_names, scaler, steps_per_epoch, out_dir, env.rank)
     stop_step = min(total_steps, t["stop_at_step"] or total_steps)
 
-    forward = model
-    if env.world_size > 1:
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device_type == "cuda" else None)
-    if t["compile"]:
-        forward = torch.compile(forward)
+    forward = training_forward(model, env.world_size, device, t["compile"])
     step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, o["clip_grad"], scaler)
 
-    sampler = GlobalBatchSampler(len(dataset), t["micro_batch"], accum, env.world_size, env.rank,
-                                 t["seed"], start_step)
-    workers = cfg["data"]["num_workers"]
-    loader = DataLoader(dataset, batch_size=t["micro_batch"], sampler=sampler, num_workers=workers,
-                        pin_memory=device_type == "cuda", drop_last=True,
-                        persistent_workers=workers > 0)
+    batches = train_batches(dataset, t["micro_batch"], accum, env.world_size, env.rank, t["seed"],
+                            start_step, cfg["data"]["num_workers"], device_type == "cuda")
     n_recon = min(cfg["log"]["recon_images"], len(dataset))  # spread over the (sorted) folders
     recon_batch = torch.stack([dataset[(i * len(dataset) // n_recon, i)][0]
                                for i in range(n_recon)]).to(device)
@@ -388,7 +378,6 @@ def main(cfg: dict) -> dict:
                            bool(o["clip_grad"]))
     bar = tqdm(total=total_steps, initial=start_step, disable=not env.is_main, unit="step",
                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
-    batches = iter(loader)
     record, step = {}, start_step
     ck = cfg["checkpoint"]
 

@@ -13,6 +13,7 @@ from detectron2.engine import (AMPTrainer, SimpleTrainer, create_ddp_model, defa
                                default_writers, hooks)
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint import load_backbone
 from .data import build_coins_dataset, register_coco
@@ -91,6 +92,8 @@ def setup(args):
         cfg.train.device = "cpu"
         cfg.train.amp.enabled = False
     default_setup(cfg, args)  # logging, seeds, environment info, output_dir/config.yaml
+    for name in ("detection", "pretrain"):  # our loggers, into the same log.txt and console
+        setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=name)
     return cfg
 
 

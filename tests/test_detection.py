@@ -225,6 +225,7 @@ def test_demo_trains_with_finite_decreasing_loss(tmp_path):
     path, _ = mini_checkpoint(tmp_path)
     out = tmp_path / "det"
     result = train_det.run([f"train.output_dir={out}", "train.max_iter=40", "train.eval_period=40",
+                            "train.checkpointer.period=30",
                             "lr_multiplier.scheduler.milestones=[35,38]", "lr_multiplier.scheduler.num_updates=40",
                             f"train.init_checkpoint={path}"])
     logs = [json.loads(x) for x in (out / "metrics.json").read_text().splitlines() if "total_loss" in x]
@@ -243,6 +244,13 @@ def test_demo_trains_with_finite_decreasing_loss(tmp_path):
                            f"train.init_checkpoint={out / 'model_final.pth'}"])
     assert again["box_AP"] == pytest.approx(evaluated["bbox"]["AP"])
     assert again["mask_AP"] == pytest.approx(evaluated["segm"]["AP"])
+    # an interrupted run (last checkpoint at iteration 29) resumes from the output dir's pointer
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text("model_0000029.pth")
+    train_det.run(["--resume", f"train.output_dir={out}", "train.max_iter=40", "train.eval_period=40",
+                   "lr_multiplier.scheduler.milestones=[35,38]", "lr_multiplier.scheduler.num_updates=40"])
+    assert "resumed at iteration 30" in (out / "log.txt").read_text()
+    assert (out / "model_final.pth").is_file()
     DatasetCatalog.remove("coins_demo")
     MetadataCatalog.remove("coins_demo")
 

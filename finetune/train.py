@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import Lars
-from timm.optim._param_groups import param_groups_layer_decay
+from timm.optim import Lars, param_groups_layer_decay
 from tqdm import tqdm
 
 from pretrain import checkpoint as ckpt

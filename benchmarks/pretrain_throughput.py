@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pretrain.engine import TrainStep, build_optimizer, mask_noise  # noqa: E402
 from pretrain.models import ARCHS, build_mae  # noqa: E402
 from pretrain.rcmae import RCMAE  # noqa: E402
-from pretrain.train import AMP_DTYPES, DEFAULTS, resolve_precision  # noqa: E402
+from pretrain.run import AMP_DTYPES, resolve_precision  # noqa: E402
+from pretrain.train import DEFAULTS  # noqa: E402
 
 OPTIM = DEFAULTS["optim"]
 SEED = 0

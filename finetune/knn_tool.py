@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import logging
 
-from pretrain.train import KNN_DEFAULTS, start_run
+from pretrain.run import start_run
+from pretrain.train import KNN_DEFAULTS
 
 from .data import eval_dataset, labelled_pair
 from .knn import knn_evaluate

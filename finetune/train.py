@@ -19,7 +19,7 @@ from pretrain.data import SeededImages, sample_seed, seeded, train_batches
 from pretrain.distributed import all_gather_objects, barrier
 from pretrain.engine import TrainStep, training_forward
 from pretrain.rcmae import lr_at
-from pretrain.train import (MetricLogger, accumulation_steps, rng_state,
+from pretrain.run import (MetricLogger, accumulation_steps, rng_state,
                             set_rng_state, start_run, warn_config_changes)
 
 from .data import eval_dataset, labelled_images, labelled_pair, train_transform

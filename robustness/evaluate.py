@@ -16,7 +16,7 @@ from pretrain.checkpoint import CheckpointError, read_checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.distributed import barrier
 from pretrain.models import ARCHS
-from pretrain.train import setup_logging, start_run
+from pretrain.run import setup_logging, start_run
 
 from .data import build_demo_benchmarks, class_mask, imagenet_c_cells, imagenet_c_dataset
 from .metrics import BENCHMARK, EXTRA, SEVERITIES, corruption_errors

@@ -8,7 +8,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from pretrain.checkpoint import find_last_checkpoint, list_checkpoints, read_checkpoint
-from pretrain.train import NonFiniteLossError, main
+from pretrain.run import NonFiniteLossError
+from pretrain.train import main
 
 from conftest import micro_config
 

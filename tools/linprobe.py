@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from finetune.train import DEFAULTS, main  # noqa: E402
 from pretrain.launcher import run_cli  # noqa: E402
-from pretrain.train import NonFiniteLossError  # noqa: E402
+from pretrain.run import NonFiniteLossError  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(sys.argv[1:], defaults=DEFAULTS, main=main, name="vit-linprobe", description=__doc__,

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
 from pretrain.launcher import run_cli  # noqa: E402
-from pretrain.train import DEFAULTS, NonFiniteLossError, main  # noqa: E402
+from pretrain.run import NonFiniteLossError  # noqa: E402
+from pretrain.train import DEFAULTS, main  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(sys.argv[1:], defaults=DEFAULTS, main=main, name="rcmae-pretrain", description=__doc__,

@@ -10,7 +10,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from pretrain.checkpoint import CheckpointError, read_checkpoint
-from pretrain.models import ARCHS, is_encoder_key
+from pretrain.config import ConfigError
+from pretrain.models import check_arch, is_encoder_key
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +20,9 @@ def build_classifier(arch: str, img_size: int, num_classes: int, global_pool: st
                      drop_path: float = 0.0) -> VisionTransformer:
     """The timm model (``vit_base_patch16_224`` etc. for 224 px) with ``global_pool`` ``avg``
     (patch-token mean + ``fc_norm``, no final ``norm``, as MAE fine-tunes) or ``token`` (cls)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown model.arch {arch!r}; choose one of {sorted(ARCHS)}")
     if global_pool not in ("avg", "token"):
-        raise ValueError(f"model.global_pool must be avg or token, got {global_pool!r}")
-    spec = {k: v for k, v in ARCHS[arch].items() if k != "timm_name"}
+        raise ConfigError(f"model.global_pool must be avg or token, got {global_pool!r}")
+    spec = check_arch(arch, img_size)
     return VisionTransformer(img_size=img_size, num_classes=num_classes, global_pool=global_pool,
                              drop_path_rate=drop_path, mlp_ratio=4.0, qkv_bias=True,
                              norm_layer=partial(nn.LayerNorm, eps=1e-6), **spec)

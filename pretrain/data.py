@@ -66,6 +66,9 @@ def list_images(root: str | Path) -> list[str]:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"data.path: {root} is not an ImageFolder tree "
                                 f"(root/<class>/<image>): {e}") from None
+    if {"train", "val"} <= set(class_to_idx):
+        raise FileNotFoundError(f"data.path: {root} looks like a dataset root (it holds train/ and val/ as "
+                                f"classes); point it at the training split, e.g. {root / 'train'}")
     return [path for path, _ in samples]
 
 

@@ -181,14 +181,23 @@ class MaskedAutoencoderViT(nn.Module):
         return target
 
 
-def build_mae(arch: str, img_size: int = 224, decoder_embed_dim: int = 512, decoder_depth: int = 8,
-              decoder_num_heads: int = 16, norm_pix_loss: bool = True) -> MaskedAutoencoderViT:
+def check_arch(arch: str, img_size: int) -> dict:
+    """The size spec of ``arch``; a ConfigError for an unknown name or an image size that is not a
+    multiple of its patch size."""
+    from .config import ConfigError
+
     if arch not in ARCHS:
-        raise ValueError(f"unknown model.arch {arch!r}; choose one of {sorted(ARCHS)}")
+        raise ConfigError(f"unknown model.arch {arch!r}; choose one of {sorted(ARCHS)}")
     spec = {k: v for k, v in ARCHS[arch].items() if k != "timm_name"}
     if img_size % spec["patch_size"]:
-        raise ValueError(f"model.img_size={img_size} is not a multiple of the patch size "
-                         f"{spec['patch_size']} of {arch}")
+        raise ConfigError(f"model.img_size={img_size} is not a multiple of the patch size "
+                          f"{spec['patch_size']} of {arch}")
+    return spec
+
+
+def build_mae(arch: str, img_size: int = 224, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+              decoder_num_heads: int = 16, norm_pix_loss: bool = True) -> MaskedAutoencoderViT:
+    spec = check_arch(arch, img_size)
     return MaskedAutoencoderViT(img_size=img_size, decoder_embed_dim=decoder_embed_dim,
                                 decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
                                 norm_pix_loss=norm_pix_loss, **spec)

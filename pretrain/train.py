@@ -14,7 +14,7 @@ from .data import (SeededImages, SyntheticImages, build_demo_folder, list_images
                    train_batches)
 from .distributed import all_gather_objects, barrier
 from .engine import TrainStep, build_optimizer, mask_noise, training_forward
-from .models import ARCHS, build_mae, is_encoder_key
+from .models import build_mae, check_arch, is_encoder_key
 from .rcmae import RCMAE, lr_at, momentum_at
 from .run import (AMP_DTYPES, MetricLogger, accumulation_steps, rng_state, set_rng_state, start_run,
                   warn_config_changes)
@@ -46,8 +46,7 @@ DEFAULTS = {
 def validate(cfg: dict, world: int) -> int:
     """Check cross-key constraints; returns the gradient-accumulation factor."""
     m, o, t = cfg["model"], cfg["optim"], cfg["train"]
-    if m["arch"] not in ARCHS:
-        raise ConfigError(f"model.arch={m['arch']!r} unknown; choose one of {sorted(ARCHS)}")
+    check_arch(m["arch"], m["img_size"])
     if not 0 < m["mask_ratio"] < 1:
         raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m['mask_ratio']}")
     if cfg["data"]["source"] not in ("folder", "demo", "synthetic"):

@@ -52,3 +52,21 @@ def test_batch_must_split_over_processes():
         validate(load_config(DEFAULTS), world=1)
     with pytest.raises(ConfigError, match="export.which=student"):
         validate(load_config(DEFAULTS, None, ["data.path=x", "rcmae.gamma=0"]), world=1)
+
+
+def test_model_size_checks():
+    with pytest.raises(ConfigError, match="img_size=100 is not a multiple of the patch size 16"):
+        validate(load_config(DEFAULTS, None, ["data.path=x", "model.img_size=100"]), world=1)
+    with pytest.raises(ConfigError, match="unknown model.arch 'vit_giant'"):
+        validate(load_config(DEFAULTS, None, ["data.path=x", "model.arch=vit_giant"]), world=1)
+
+
+def test_dataset_root_instead_of_train_split_is_refused(tmp_path):
+    from pretrain.data import list_images
+
+    for split in ("train", "val"):
+        (tmp_path / split / "n01440764").mkdir(parents=True)
+        (tmp_path / split / "n01440764" / "a.JPEG").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="looks like a dataset root"):
+        list_images(tmp_path)
+    assert len(list_images(tmp_path / "train")) == 1

@@ -102,6 +102,16 @@ def labelled_pair(d: dict, out_dir: Path, is_main: bool, section: str = "data",
     return d["train_path"], d["val_path"], d["label_space"]
 
 
+def labelled_eval_sets(d: dict, out_dir: Path, is_main: bool, img_size: int, section: str = "data",
+                       demo_dir: str = "demo_data"):
+    """Train and val sets of :func:`labelled_pair`, both with the evaluation transform (k-NN
+    features); returns (train, val, number of classes)."""
+    train_path, val_path, label_space = labelled_pair(d, out_dir, is_main, section, demo_dir)
+    (train, num_classes), (val, _) = [eval_dataset(p, label_space, img_size, d["crop_pct"], f"{section}.{what}")
+                                      for p, what in ((train_path, "train_path"), (val_path, "val_path"))]
+    return train, val, num_classes
+
+
 def train_transform(img_size: int, aug: dict, mode: str):
     """Fine-tuning: timm's RandAugment / random-erasing pipeline; linear probing: crop + flip only."""
     if mode == "linprobe":

@@ -7,7 +7,7 @@ import logging
 from pretrain.run import start_run
 from pretrain.train import KNN_DEFAULTS
 
-from .data import eval_dataset, labelled_pair
+from .data import labelled_eval_sets
 from .knn import knn_evaluate
 from .models import build_classifier, load_backbone
 
@@ -26,10 +26,7 @@ DEFAULTS = {
 def main(cfg: dict) -> dict:
     run = start_run(cfg)
     m, d = cfg["model"], cfg["data"]
-    train_path, val_path, label_space = labelled_pair(d, run.out_dir, run.env.is_main)
-    sets = [eval_dataset(p, label_space, m["img_size"], d["crop_pct"], what)
-            for p, what in ((train_path, "data.train_path"), (val_path, "data.val_path"))]
-    (train_set, num_classes), (val_set, _) = sets
+    train_set, val_set, num_classes = labelled_eval_sets(d, run.out_dir, run.env.is_main, m["img_size"])
     backbone = build_classifier(m["arch"], m["img_size"], num_classes=0, global_pool="token")
     if cfg["init"]["checkpoint"]:
         load_backbone(backbone, cfg["init"]["checkpoint"], cfg["init"]["which"])

@@ -103,7 +103,7 @@ class MetricLogger:
     def __init__(self, device, out_dir: Path | None, tensorboard: bool, log_grad_norm: bool,
                  keys=("loss", "recon", "consistency"), prefix: str = "pretrain"):
         self.device, self.log_grad_norm, self.prefix = device, log_grad_norm, prefix
-        self.KEYS = (*keys, "grad_norm")  # grad_norm: with optim.clip_grad only
+        self.keys = (*keys, "grad_norm")  # grad_norm: with optim.clip_grad only
         self.jsonl = open(out_dir / "metrics.jsonl", "a") if out_dir else None
         self.tb = None
         if tensorboard and out_dir:
@@ -112,14 +112,14 @@ class MetricLogger:
         self._reset()
 
     def _reset(self):
-        self.sums = torch.zeros(len(self.KEYS), device=self.device)
+        self.sums = torch.zeros(len(self.keys), device=self.device)
         self.first_bad = torch.full((), self.NO_BAD_STEP, dtype=torch.long, device=self.device)
         self.steps, self.skipped, self.images, self.t0 = 0, 0, 0, time.perf_counter()
 
     def add(self, step: int, sums: dict, micro_steps: int, skipped: int, images: int):
         zero = torch.zeros((), device=self.device)
         row = torch.stack([sums.get(k, zero) / (1 if k == "grad_norm" else micro_steps)
-                           for k in self.KEYS])
+                           for k in self.keys])
         self.sums += row
         # remember the first non-finite step without asking the device (no sync)
         self.first_bad = torch.minimum(
@@ -143,7 +143,7 @@ class MetricLogger:
         steps = max(values[-2], 1)  # steps x processes
         elapsed = time.perf_counter() - self.t0
         record = {"step": step, "epoch": round(epoch, 4), "lr": lr, "momentum": momentum}
-        record.update({k: v / steps for k, v in zip(self.KEYS, values)
+        record.update({k: v / steps for k, v in zip(self.keys, values)
                        if k != "grad_norm" or self.log_grad_norm})
         record["skipped_images"] = int(values[-1])
         record["img_per_s"] = self.images * world / elapsed if elapsed > 0 else 0.0

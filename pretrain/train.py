@@ -121,14 +121,9 @@ def knn_datasets(cfg: dict, out_dir: Path, is_main: bool):
     knn = cfg["knn"]
     if not knn["every_epochs"]:
         return None
-    from finetune.data import eval_dataset, labelled_pair  # downstream package, imported lazily
+    from finetune.data import labelled_eval_sets  # downstream package, imported lazily
 
-    train_path, val_path, label_space = labelled_pair(knn, out_dir, is_main, "knn", "knn_demo_data")
-    size = cfg["model"]["img_size"]
-    (train, num_classes), (val, _) = [eval_dataset(p, label_space, size, knn["crop_pct"], what)
-                                      for p, what in ((train_path, "knn.train_path"),
-                                                      (val_path, "knn.val_path"))]
-    return train, val, num_classes
+    return labelled_eval_sets(knn, out_dir, is_main, cfg["model"]["img_size"], "knn", "knn_demo_data")
 
 
 def knn_monitor(model: RCMAE, sets, cfg: dict, run) -> dict:

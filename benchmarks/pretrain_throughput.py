@@ -93,7 +93,7 @@ def bench_gamma(args, gamma: float, device: torch.device, amp_dtype, peak: float
 
     def run_step(fn):
         nonlocal step
-        fn([(imgs, mask_noise(SEED, step, args.batch, student.num_patches, device, False))], lr, momentum)
+        fn([(imgs, mask_noise(SEED, step, args.batch, student.num_patches, device, False))], lr, [momentum])
         step += 1
 
     # FLOPs of one step, counted in eager mode (compile fuses elementwise ops, not the matmuls).

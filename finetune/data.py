@@ -124,13 +124,22 @@ def train_transform(img_size: int, aug: dict, mode: str):
                             re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def eval_transform(img_size: int, crop_pct: float):
-    """Resize the short side to ``img_size / crop_pct`` (256 for 224) bicubic, centre crop."""
-    return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
-                            mean=IMAGENET_MEAN, std=IMAGENET_STD)
+def eval_crop_pct(img_size: int, crop_pct: float | None = None) -> float:
+    """``crop_pct`` when given, else MAE's rule (``util/datasets.py build_transform``): 224/256 up
+    to 224 px, 1.0 (no crop margin) above."""
+    if crop_pct is not None:
+        return crop_pct
+    return 224 / 256 if img_size <= 224 else 1.0
 
 
-def eval_dataset(root: str | Path, label_space: str, img_size: int, crop_pct: float, what: str):
+def eval_transform(img_size: int, crop_pct: float | None):
+    """Resize the short side to ``img_size / crop_pct`` (256 for 224) bicubic, centre crop;
+    ``crop_pct`` None follows MAE (:func:`eval_crop_pct`)."""
+    return create_transform(img_size, is_training=False, interpolation="bicubic",
+                            crop_pct=eval_crop_pct(img_size, crop_pct), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def eval_dataset(root: str | Path, label_space: str, img_size: int, crop_pct: float | None, what: str):
     paths, labels, num_classes = labelled_images(root, label_space, what)
     return SeededImages(paths, eval_transform(img_size, crop_pct), labels,
                         replace_unreadable=False), num_classes

@@ -17,7 +17,7 @@ DEFAULTS = {
     "model": {"arch": "vit_base_patch16", "img_size": 224},
     "init": {"checkpoint": None, "which": "auto"},
     "data": {"source": "folder", "train_path": None, "val_path": None, "label_space": "folder",
-             "num_workers": 10, "crop_pct": 0.875},
+             "num_workers": 10, "crop_pct": None},
     "knn": dict(KNN_DEFAULTS),
     "train": {"output_dir": "output/knn", "precision": "auto", "device": "auto"},
 }

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import Lars, param_groups_layer_decay
+from timm.optim import Lars
 from tqdm import tqdm
 
 from pretrain import checkpoint as ckpt
@@ -33,7 +33,7 @@ DEFAULTS = {
               "head_init_std": 2.0e-5},
     "init": {"checkpoint": None, "which": "auto"},
     "data": {"source": "folder", "train_path": None, "val_path": None, "label_space": "folder",
-             "num_workers": 10, "crop_pct": 0.875},
+             "num_workers": 10, "crop_pct": None},
     "aug": {"rand_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0,
             "smoothing": 0.1},
     "optim": {"name": "adamw", "batch_size": 1024, "base_lr": 5.0e-4, "lr": None, "min_lr": 1.0e-6,
@@ -59,14 +59,37 @@ class ClassifierLoss(nn.Module):
         return {"loss": self.criterion(self.model(imgs).float(), targets)}
 
 
+def layer_id(name: str, depth: int) -> int:
+    """MAE's ``get_layer_id_for_vit``: 0 for the embeddings, i + 1 for block i, depth + 1 for the
+    rest (final ``norm``, ``fc_norm``, head)."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """MAE's ``param_groups_lrd``: ``lr_scale = layer_decay ** (depth + 1 - layer_id)``; no weight
+    decay on 1-d tensors and ``model.no_weight_decay()`` (pos_embed, cls_token)."""
+    depth, skip = len(model.blocks), model.no_weight_decay()
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, no_decay = layer_id(name, depth), p.ndim == 1 or name in skip
+        group = groups.setdefault((layer, no_decay), {
+            "params": [], "lr_scale": layer_decay ** (depth + 1 - layer),
+            "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(p)
+    return list(groups.values())
+
+
 def build_optimizer(model: nn.Module, o: dict, device_type: str):
-    """AdamW with layer-wise lr decay (timm's groups: ``lr_scale = decay ** (depth + 1 - layer_id)``,
-    no decay on 1-d tensors, pos_embed and cls_token), LARS (linear probe: trust ratio on the weight
-    only, as MAE's LARS) or SGD."""
+    """AdamW with MAE's layer-wise lr decay (``layer_decay_groups``), LARS (linear probe: trust
+    ratio on the weight only, as MAE's LARS) or SGD."""
     if o["name"] == "adamw":
-        groups = param_groups_layer_decay(model, weight_decay=o["weight_decay"],
-                                          no_weight_decay_list=model.no_weight_decay(),
-                                          layer_decay=o["layer_decay"])
+        groups = layer_decay_groups(model, o["weight_decay"], o["layer_decay"])
         fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o["betas"]), **fast)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -128,6 +151,8 @@ def main(cfg: dict) -> dict:
         linear_probe_head(model)
     model.to(device)
     optimizer = build_optimizer(model, o, device.type)
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    param_names = [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
     scaler = torch.amp.GradScaler(device.type) if run.precision == "fp16" else None
 
     steps_per_epoch = len(train_set) // o["batch_size"]
@@ -143,7 +168,11 @@ def main(cfg: dict) -> dict:
                                        "to start from pretrained weights use init.checkpoint=...")
         warn_config_changes(state["config"], cfg)
         ckpt.load_state(model, state["train_model"], f"{resume_path} model")
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer_param_names" not in state:  # saved before the names were recorded
+            raise ckpt.CheckpointError(f"{resume_path} predates parameter-named optimizer states; finish "
+                                       "that run with the version that started it, or start anew")
+        optimizer.load_state_dict(ckpt.remap_optimizer_state(
+            state["optimizer"], state["optimizer_param_names"], param_names, optimizer.state_dict()))
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         step, best = state["step"], state["best"]
@@ -153,7 +182,7 @@ def main(cfg: dict) -> dict:
 
     forward = training_forward(ClassifierLoss(model, criterion), env.world_size, device, t["compile"])
     step_fn = TrainStep(model, forward, optimizer, run.amp_dtype, device, o["clip_grad"], scaler,
-                        after_step=lambda _: None, metric_keys=("loss",))
+                        metric_keys=("loss",))
     workers = cfg["data"]["num_workers"]
     loader = train_batches(train_set, t["micro_batch"], accum, env.world_size, env.rank, t["seed"], step,
                            workers, device.type == "cuda")
@@ -175,7 +204,8 @@ def main(cfg: dict) -> dict:
 
     def save_state(step_done: int, result: dict | None) -> None:
         state = {**describe, "model": classifier_state(model), "train_model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                 "optimizer": optimizer.state_dict(), "optimizer_param_names": param_names,
+                 "scaler": scaler.state_dict() if scaler else None,
                  "step": step_done, "epoch": step_done // steps_per_epoch, "best": best,
                  "eval": result, "rng": all_gather_objects(rng_state()), "config": cfg}
         if env.is_main:

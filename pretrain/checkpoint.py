@@ -191,14 +191,6 @@ def load_state(module: torch.nn.Module, sd: dict, what: str, allow_missing: bool
     return report
 
 
-def mae_param_order(named_params: list[tuple[str, torch.nn.Parameter]]) -> list[str]:
-    """Parameter order of the official MAE / RC-MAE optimizer (timm 0.3.2 ``add_weight_decay``:
-    1-d tensors and biases first, then the rest, each in ``named_parameters`` order)."""
-    trainable = [(n, p) for n, p in named_params if p.requires_grad]
-    no_decay = [n for n, p in trainable if p.ndim <= 1 or n.endswith(".bias")]
-    return no_decay + [n for n, _ in trainable if n not in set(no_decay)]
-
-
 def remap_optimizer_state(opt_sd: dict, saved_names: list[str], names: list[str],
                           template: dict) -> dict:
     """Rebuild an optimizer state dict saved with parameter order ``saved_names`` for the order

@@ -8,27 +8,33 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+TOKEN_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
 
 
-def param_groups(model: nn.Module, weight_decay: float):
-    """AdamW groups: no decay on biases, norms (all 1-d tensors), position embeddings and tokens.
+def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = True):
+    """AdamW groups of the official MAE / RC-MAE (timm 0.3.2 ``add_weight_decay``): no decay on
+    biases and 1-d tensors (norms); the tokens are decayed. ``decay_tokens=False`` also exempts
+    tokens and position embeddings (ours are fixed sin-cos, so only ``cls_token`` and ``mask_token``
+    change).
 
-    Returns the groups and the parameter names in the optimizer's order (saved in checkpoints).
+    Returns the groups and the parameter names in the optimizer's order (saved in checkpoints;
+    with ``decay_tokens`` it is the official optimizer's order).
     """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        skip = p.ndim <= 1 or name.endswith(".bias") or (
+            not decay_tokens and name.split(".")[-1] in TOKEN_NAMES)
         (no_decay if skip else decay).append((name, p))
     groups = [{"params": [p for _, p in no_decay], "weight_decay": 0.0},
               {"params": [p for _, p in decay], "weight_decay": weight_decay}]
     return groups, [n for n, _ in no_decay] + [n for n, _ in decay]
 
 
-def build_optimizer(student: nn.Module, weight_decay: float, betas, device_type: str):
-    groups, names = param_groups(student, weight_decay)
+def build_optimizer(student: nn.Module, weight_decay: float, betas, device_type: str,
+                    decay_tokens: bool = True):
+    groups, names = param_groups(student, weight_decay, decay_tokens)
     fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), **fast), names
 
@@ -57,7 +63,9 @@ def training_forward(module: nn.Module, world_size: int, device: torch.device, c
 class TrainStep:
     """One optimizer step: ``accum`` micro-batches forward/backward (DDP syncs on the last only),
     optional gradient clipping, optimizer step (through the fp16 scaler when given), then
-    ``after_step(momentum)`` (RC-MAE: the EMA update of the teacher).
+    ``after_step(m)`` for each of ``momenta`` (RC-MAE: the EMA update of the teacher): the last
+    after the optimizer step, any others after micro-batches 0, 1, ... (the official RC-MAE
+    schedule updates the teacher after every micro-batch).
 
     ``forward(*inputs)`` returns a dict with the ``loss`` to minimise and detached metrics. Each
     group's lr is ``lr * group.get("lr_scale", 1)`` (layer-wise decay). Returns device tensors
@@ -74,10 +82,13 @@ class TrainStep:
         self.metric_keys = metric_keys
 
     def __call__(self, micro_batches: list[tuple[torch.Tensor, ...]], lr: float,
-                 momentum: float = 0.0) -> dict[str, torch.Tensor]:
+                 momenta: tuple[float, ...] | list[float] = ()) -> dict[str, torch.Tensor]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         accum = len(micro_batches)
+        if len(momenta) > accum:
+            raise ValueError(f"{len(momenta)} teacher updates for {accum} micro-batches")
+        between = momenta[:-1]  # updates after micro-batches, before the optimizer step
         sums = {}
         for i, inputs in enumerate(micro_batches):
             sync = i == accum - 1 or not hasattr(self.forward, "no_sync")
@@ -91,6 +102,8 @@ class TrainStep:
                 if key in out:
                     value = out[key].detach()
                     sums[key] = sums[key] + value if key in sums else value
+            if i < len(between) and self.after_step is not None:
+                self.after_step(between[i])
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad:
@@ -102,6 +115,6 @@ class TrainStep:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.after_step is not None:
-            self.after_step(momentum)
+        if momenta and self.after_step is not None:
+            self.after_step(momenta[-1])
         return sums

@@ -16,9 +16,34 @@ import torch.nn as nn
 from .models import MaskedAutoencoderViT, masked_mean, random_masking_ids
 
 
+MOMENTUM_SCHEDULES = ("cosine", "official")
+
+
 def momentum_at(step: int, total_steps: int, base: float) -> float:
-    """Teacher momentum after optimizer step ``step`` (global): cosine from ``base`` to 1."""
+    """Entry ``step`` of a cosine from ``base`` (step 0) to 1 (step ``total_steps``)."""
     return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+
+
+def teacher_momenta(schedule: str, step: int, steps_per_epoch: int, total_steps: int, accum: int,
+                    base: float) -> list[float]:
+    """Momenta of the EMA updates belonging to optimizer step ``step`` (0-based, global), in order.
+
+    ``cosine`` (ours): one update after the optimizer step; the cosine runs over the optimizer
+    steps of the whole run.
+    ``official`` (the official RC-MAE ``engine_pretrain.py``, which produced the paper's numbers):
+    one update after every micro-batch, the last one after the optimizer step; the cosine table has
+    epochs x micro-batches-per-epoch entries but is indexed by the micro-batch *within the epoch*,
+    so the momentum never leaves ~``base``. Under accumulation A the teacher moves A times per
+    optimizer step (A - 1 times towards the not yet updated student).
+    """
+    if schedule == "cosine":
+        return [momentum_at(step, total_steps, base)]
+    if schedule == "official":
+        per_epoch = steps_per_epoch * accum
+        table = per_epoch * (total_steps // steps_per_epoch)
+        first = (step % steps_per_epoch) * accum
+        return [momentum_at(first + a, table, base) for a in range(accum)]
+    raise ValueError(f"rcmae.momentum_schedule must be one of {MOMENTUM_SCHEDULES}, got {schedule!r}")
 
 
 def lr_at(step: int, warmup_steps: int, total_steps: int, peak: float, min_lr: float = 0.0) -> float:

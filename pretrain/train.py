@@ -13,9 +13,9 @@ from .config import ConfigError
 from .data import (SeededImages, SyntheticImages, build_demo_folder, list_images, pretrain_transform,
                    train_batches)
 from .distributed import all_gather_objects, barrier
-from .engine import TrainStep, build_optimizer, mask_noise, training_forward
+from .engine import TrainStep, build_optimizer, mask_noise, param_groups, training_forward
 from .models import build_mae, check_arch, is_encoder_key
-from .rcmae import RCMAE, lr_at, momentum_at
+from .rcmae import MOMENTUM_SCHEDULES, RCMAE, lr_at, teacher_momenta
 from .run import (AMP_DTYPES, MetricLogger, accumulation_steps, rng_state, set_rng_state, start_run,
                   warn_config_changes)
 from .visualize import save_reconstruction
@@ -26,12 +26,13 @@ KNN_DEFAULTS = {"k": 20, "temperature": 0.07, "pool": "cls", "batch_size": 256}
 DEFAULTS = {
     "model": {"arch": "vit_base_patch16", "img_size": 224, "decoder_dim": 512, "decoder_depth": 8,
               "decoder_heads": 16, "mask_ratio": 0.75, "norm_pix_loss": True},
-    "rcmae": {"gamma": 1.0, "momentum": 0.996, "teacher_mask": "same"},
+    # momentum_schedule: cosine (ours, default) | official (the official code's, see rcmae.teacher_momenta)
+    "rcmae": {"gamma": 1.0, "momentum": 0.996, "teacher_mask": "same", "momentum_schedule": "cosine"},
     "data": {"source": "folder", "path": None, "crop_min_scale": 0.2, "num_workers": 10,
              "synthetic_size": 4096},
     "optim": {"batch_size": 4096, "base_lr": 1.5e-4, "lr": None, "min_lr": 0.0,
               "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": None, "epochs": 800,
-              "warmup_epochs": 40},
+              "warmup_epochs": 40, "decay_tokens": True},  # decay_tokens: official MAE / RC-MAE
     "train": {"output_dir": "output/pretrain", "micro_batch": 64, "precision": "auto",
               "device": "auto", "compile": False, "seed": 0, "resume": "auto", "init": None,
               "stop_at_step": None},
@@ -40,7 +41,7 @@ DEFAULTS = {
     "log": {"every_steps": 20, "tensorboard": False, "recon_every_epochs": 1, "recon_images": 4},
     # k-NN monitor on a labelled folder pair (source demo: the labelled scikit-image set)
     "knn": {"every_epochs": 0, "source": "folder", "train_path": None, "val_path": None,
-            "label_space": "folder", "crop_pct": 0.875, **KNN_DEFAULTS},
+            "label_space": "folder", "crop_pct": None, **KNN_DEFAULTS},
 }
 
 def validate(cfg: dict, world: int) -> int:
@@ -60,6 +61,9 @@ def validate(cfg: dict, world: int) -> int:
     if knn["every_epochs"] and knn["source"] == "folder" and not (knn["train_path"] and knn["val_path"]):
         raise ConfigError("knn.every_epochs needs knn.train_path and knn.val_path (labelled ImageFolder "
                           "trees), or knn.source=demo")
+    if cfg["rcmae"]["momentum_schedule"] not in MOMENTUM_SCHEDULES:
+        raise ConfigError(f"rcmae.momentum_schedule must be one of {MOMENTUM_SCHEDULES}, "
+                          f"got {cfg['rcmae']['momentum_schedule']!r}")
     if cfg["export"]["which"] not in ("teacher", "student"):
         raise ConfigError("export.which must be teacher or student")
     if cfg["export"]["which"] == "teacher" and cfg["rcmae"]["gamma"] == 0:
@@ -93,15 +97,16 @@ def restore(cfg: dict, model: RCMAE, optimizer, param_names, scaler, steps_per_e
                             f"{path} teacher" if c.teacher is not None else f"{path} student (as teacher)")
         if c.source == "ours":
             warn_config_changes(c.raw["config"], cfg)
-            optimizer.load_state_dict(c.raw["optimizer"])
+            saved_order = c.raw["optimizer_param_names"]
             step = c.raw["step"]
             rngs = c.raw["rng"]
             set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         else:  # official MAE / RC-MAE: optimizer saved in the official parameter order
-            order = ckpt.mae_param_order(list(model.student.named_parameters()))
-            optimizer.load_state_dict(ckpt.remap_optimizer_state(
-                c.raw["optimizer"], order, param_names, optimizer.state_dict()))
+            saved_order = param_groups(model.student, 0.0, decay_tokens=True)[1]
             step = (int(c.raw["epoch"]) + 1) * steps_per_epoch
+        # by parameter name: the grouping may differ (optim.decay_tokens, official order)
+        optimizer.load_state_dict(ckpt.remap_optimizer_state(
+            c.raw["optimizer"], saved_order, param_names, optimizer.state_dict()))
         if scaler is not None and c.raw.get("scaler"):
             scaler.load_state_dict(c.raw["scaler"])
         log.info("resumed at step %d (epoch %.2f)", step, step / steps_per_epoch)
@@ -152,7 +157,8 @@ def main(cfg: dict) -> dict:
     student = build_mae(m["arch"], m["img_size"], m["decoder_dim"], m["decoder_depth"],
                         m["decoder_heads"], m["norm_pix_loss"])
     model = RCMAE(student, m["mask_ratio"], cfg["rcmae"]["gamma"], cfg["rcmae"]["teacher_mask"]).to(device)
-    optimizer, param_names = build_optimizer(model.student, o["weight_decay"], o["betas"], device_type)
+    optimizer, param_names = build_optimizer(model.student, o["weight_decay"], o["betas"], device_type,
+                                             o["decay_tokens"])
     scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
 
     dataset = build_dataset(cfg, out_dir, env.is_main)
@@ -180,7 +186,7 @@ def main(cfg: dict) -> dict:
     log.info("model %s (%.1fM student params), teacher: %s, %d process(es), micro-batch %d x accum %d "
              "= batch %d, %d steps/epoch, %d steps in all, peak lr %.3g, precision %s, device %s",
              m["arch"], sum(p.numel() for p in model.student.parameters()) / 1e6,
-             "EMA" if model.teacher is not None else "none (MAE)", env.world_size, t["micro_batch"],
+             f"EMA ({cfg['rcmae']['momentum_schedule']} schedule)" if model.teacher is not None else "none (MAE)", env.world_size, t["micro_batch"],
              accum, global_batch, steps_per_epoch, total_steps, peak_lr, precision, device)
 
     metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
@@ -205,7 +211,8 @@ def main(cfg: dict) -> dict:
     try:
         while step < stop_step:
             lr = lr_at(step, warmup_steps, total_steps, peak_lr, o["min_lr"])
-            momentum = momentum_at(step, total_steps, cfg["rcmae"]["momentum"])
+            momenta = teacher_momenta(cfg["rcmae"]["momentum_schedule"], step, steps_per_epoch, total_steps,
+                                      accum, cfg["rcmae"]["momentum"])
             noise = mask_noise(t["seed"], step, global_batch, model.student.num_patches, device,
                                model.teacher_mask == "different")
             micro, skipped = [], 0
@@ -215,7 +222,7 @@ def main(cfg: dict) -> dict:
                 micro.append((imgs.to(device, non_blocking=True),
                               noise[..., first:first + t["micro_batch"], :]))
                 skipped += int(n_skipped.sum())  # a CPU tensor: no device sync
-            sums = step_fn(micro, lr, momentum)
+            sums = step_fn(micro, lr, momenta)
             metrics.add(step, sums, accum, skipped, accum * t["micro_batch"])
             step += 1
             bar.update(1)
@@ -225,7 +232,7 @@ def main(cfg: dict) -> dict:
                 (ck["every_steps"] and step % ck["every_steps"] == 0)
                 or (epoch_end and ck["every_epochs"] and epoch % ck["every_epochs"] == 0))
             if save_now or step % cfg["log"]["every_steps"] == 0:
-                record = metrics.flush(step, step / steps_per_epoch, lr, momentum, env.is_main)
+                record = metrics.flush(step, step / steps_per_epoch, lr, momenta[-1], env.is_main)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                 img_s=f"{record['img_per_s']:.0f}")
                 log.info("step %d/%d %s", step, total_steps,

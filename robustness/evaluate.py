@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 
-from finetune.data import eval_dataset
+from finetune.data import eval_crop_pct, eval_dataset
 from finetune.evaluate import evaluate, shard_loader
 from finetune.models import build_classifier
 from pretrain.checkpoint import CheckpointError, read_checkpoint
@@ -26,7 +26,7 @@ log = logging.getLogger("robustness")
 DEFAULTS = {
     "model": {"checkpoint": None, "arch": "vit_base_patch16", "img_size": 224},
     "data": {"imagenet_val": None, "imagenet_c": None, "imagenet_a": None, "imagenet_r": None,
-             "imagenet_sketch": None, "imagenet_c_resize": False, "crop_pct": 0.875,
+             "imagenet_sketch": None, "imagenet_c_resize": False, "crop_pct": None,
              "batch_size": 128, "num_workers": 8},
     "train": {"output_dir": "output/robustness", "device": "auto", "precision": "auto"},
 }
@@ -100,7 +100,8 @@ def main(cfg: dict) -> dict:
         d = cfg["data"]
     model, described = load_classifier(cfg["model"]["checkpoint"], cfg["model"]["arch"], cfg["model"]["img_size"])
     model = model.to(run.device).eval()
-    size, crop_pct, env = cfg["model"]["img_size"], d["crop_pct"], run.env
+    size, env = cfg["model"]["img_size"], run.env
+    crop_pct = eval_crop_pct(size, d["crop_pct"])
     log.info("model %s; precision %s on %s, %d process(es)", described, run.precision, run.device, env.world_size)
 
     def score(dataset, label, mask=None):

@@ -86,15 +86,20 @@ def test_load_state_reports_and_rejects():
 
 def test_official_optimizer_state_is_remapped_by_name():
     model = micro()
-    names = ck.mae_param_order(list(model.named_parameters()))
     params = dict(model.named_parameters())
+    # timm 0.3.2 add_weight_decay, which both official codebases call: 1-d tensors and biases
+    # first, then the rest, each in named_parameters order (fixed position embeddings left out)
+    trainable = [n for n, p in params.items() if p.requires_grad]
+    no_decay = [n for n in trainable if params[n].ndim <= 1 or n.endswith(".bias")]
+    names = no_decay + [n for n in trainable if n not in no_decay]
     # an "official" optimizer: parameters in MAE's order, state tagged with each parameter's index
     official = torch.optim.AdamW([params[n] for n in names])
     official_sd = official.state_dict()
     official_sd["state"] = {i: {"step": torch.tensor(7.0), "exp_avg": torch.full_like(params[n], i),
                                 "exp_avg_sq": torch.ones_like(params[n])}
                             for i, n in enumerate(names)}
-    ours, our_names = build_optimizer(model, 0.05, (0.9, 0.95), "cpu")
+    assert build_optimizer(model, 0.05, (0.9, 0.95), "cpu")[1] == names  # default: official groups
+    ours, our_names = build_optimizer(model, 0.05, (0.9, 0.95), "cpu", decay_tokens=False)
     assert our_names != names  # cls/mask tokens change group: the order differs
     remapped = ck.remap_optimizer_state(official_sd, names, our_names, ours.state_dict())
     ours.load_state_dict(remapped)

@@ -17,26 +17,6 @@ from conftest import ROOT, micro_config
 CONFIGS = ROOT / "configs"
 
 
-@pytest.mark.parametrize("size,epochs,lr,decay,drop", [("base", 100, 5e-4, 0.65, 0.1),
-                                                       ("large", 50, 1e-3, 0.75, 0.2),
-                                                       ("huge", 50, 1e-3, 0.75, 0.3)])
-def test_finetune_and_linprobe_recipes(size, epochs, lr, decay, drop):
-    ft = load_config(FT_DEFAULTS, CONFIGS / "finetune" / f"vit_{size}.yaml")
-    o, a = ft["optim"], ft["aug"]
-    assert (o["epochs"], o["base_lr"], o["layer_decay"], ft["model"]["drop_path"]) == (epochs, lr, decay, drop)
-    assert (o["batch_size"], o["warmup_epochs"], o["min_lr"], o["weight_decay"], o["betas"]) == (
-        1024, 5, 1e-6, 0.05, [0.9, 0.999])
-    assert (a["rand_augment"], a["reprob"], a["mixup"], a["cutmix"], a["smoothing"]) == (
-        "rand-m9-mstd0.5-inc1", 0.25, 0.8, 1.0, 0.1)
-    assert ft["model"]["global_pool"] == "avg" and ft["model"]["head_init_std"] == 2e-5
-    lp = load_config(FT_DEFAULTS, CONFIGS / "linprobe" / f"vit_{size}.yaml")
-    o = lp["optim"]
-    assert (lp["train"]["mode"], o["name"], o["base_lr"], o["batch_size"], o["weight_decay"]) == (
-        "linprobe", "lars", 0.1, 16384, 0.0)
-    assert (o["epochs"], o["warmup_epochs"]) == (90 if size == "base" else 50, 10)
-    assert lp["model"]["global_pool"] == "token" and lp["aug"]["mixup"] == 0
-
-
 def run_tool(name, *args):
     return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True,
                           text=True, timeout=600, cwd=ROOT)

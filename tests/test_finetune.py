@@ -38,27 +38,6 @@ def ft_cfg(tmp_path, *overrides, out="ft"):
     return load_config(DEFAULTS, None, base + list(overrides))
 
 
-def test_layer_decay_groups_follow_the_formula_for_vit_base():
-    model = build_classifier("vit_base_patch16", 224, 1000, "avg")
-    opt = build_optimizer(model, dict(DEFAULTS["optim"], layer_decay=0.65), "cpu")
-    depth = 12
-    seen = 0
-    for name, p in model.named_parameters():
-        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            layer = 0
-        elif name.startswith("blocks."):
-            layer = int(name.split(".")[1]) + 1
-        else:  # fc_norm, head
-            layer = depth + 1
-        assert group["lr_scale"] == pytest.approx(0.65 ** (depth + 1 - layer)), name
-        no_decay = p.ndim <= 1 or name in ("pos_embed", "cls_token")
-        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
-        seen += 1
-    assert seen == len(list(model.parameters()))
-    assert not any(n.startswith("norm.") for n, _ in model.named_parameters())  # avg pool: fc_norm only
-
-
 def test_pos_embed_interpolation():
     pe = torch.randn(1, 1 + 14 * 14, 8)
     assert interpolate_pos_embed(pe, (14, 14)) is pe

@@ -141,14 +141,16 @@ def test_schedules():
     assert lr_at(100, 10, 100, 1.0) == pytest.approx(0.0)
 
 
-def test_no_weight_decay_on_biases_norms_pos_and_tokens():
-    groups, names = param_groups(micro(), 0.05)
+@pytest.mark.parametrize("decay_tokens", [True, False])
+def test_no_weight_decay_on_biases_and_norms(decay_tokens):
+    groups, names = param_groups(micro(), 0.05, decay_tokens)
     no_decay = set(names[:len(groups[0]["params"])])
-    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias",
-            "norm.bias", "decoder_pred.bias"} <= no_decay
+    assert {"blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "norm.bias", "decoder_pred.bias"} <= no_decay
     assert "pos_embed" not in names  # fixed: not trained at all
     decay = set(names) - no_decay
     assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"} <= decay
+    # the official codebases decay the (1, 1, D) tokens; decay_tokens=False exempts them
+    assert {"cls_token", "mask_token"} <= (decay if decay_tokens else no_decay)
     assert groups[0]["weight_decay"] == 0.0 and groups[1]["weight_decay"] == 0.05
 
 

@@ -2,10 +2,10 @@
 """Fine-tune a pretrained ViT on ImageNet-1K with the MAE recipe (or linear-probe it: train.mode=linprobe).
 
   python tools/finetune.py                                      # the CPU demo (configs/finetune/demo.yaml)
-  torchrun --nproc-per-node 8 tools/finetune.py --config-file configs/finetune/vit_base.yaml \\
+  torchrun --nproc-per-node 8 tools/finetune.py --config-file configs/finetune/rcmae_vit_base.yaml \\
       init.checkpoint=output/rcmae_vit_base/checkpoint_01600000.pth \\
       data.train_path=/imagenet/train data.val_path=/imagenet/val
-  python tools/finetune.py --config-file configs/finetune/vit_base.yaml ... --slurm --nodes 4 --partition P
+  python tools/finetune.py --config-file configs/finetune/rcmae_vit_base.yaml ... --slurm --nodes 4 --partition P
 """
 import sys
 from pathlib import Path

@@ -1,0 +1,256 @@
+"""Every shipped recipe config against its source, key by key, with the source file named.
+
+The expected values are written here from the official files (read in youngwanLEE/rc-mae and
+facebookresearch/mae), not taken from the configs: a config that drifts from its source fails.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.data import eval_crop_pct, eval_transform
+from finetune.models import build_classifier
+from finetune.train import DEFAULTS as FT_DEFAULTS
+from finetune.train import build_optimizer as build_ft_optimizer
+from pretrain.config import ConfigError, load_config
+from pretrain.engine import TrainStep, build_optimizer, mask_noise
+from pretrain.models import build_mae
+from pretrain.rcmae import RCMAE, teacher_momenta
+from pretrain.train import DEFAULTS as PT_DEFAULTS
+from pretrain.train import validate
+
+from conftest import ROOT
+
+RC = "youngwanLEE/rc-mae"
+MAE = "facebookresearch/mae"
+PT_COMMON = {"optim.batch_size": 4096, "optim.base_lr": 1.5e-4, "optim.weight_decay": 0.05,
+             "optim.warmup_epochs": 40, "optim.betas": [0.9, 0.95], "optim.min_lr": 0.0,
+             "optim.decay_tokens": True,  # timm 0.3.2 add_weight_decay decays cls/mask tokens
+             "model.mask_ratio": 0.75, "model.norm_pix_loss": True, "model.img_size": 224,
+             "data.crop_min_scale": 0.2}
+RC_TEACHER = {"rcmae.gamma": 1.0, "rcmae.momentum": 0.996}  # run_pretrain.py defaults
+DEC_512 = {"model.decoder_dim": 512, "model.decoder_depth": 8, "model.decoder_heads": 16}
+
+PRETRAIN = {
+    "rcmae_vit_small": ([f"{RC}", "scripts/pretrain_rc_mae_vit_small_1600ep.sh", "models_rc.py"],
+                        {**RC_TEACHER, "model.arch": "vit_small_patch16", "optim.epochs": 1600,
+                         "model.decoder_dim": 256, "model.decoder_depth": 4, "model.decoder_heads": 8,
+                         "train.micro_batch": 512}),  # 8 GPUs x 512, accum 1
+    "rcmae_vit_base": ([f"{RC}", "scripts/pretrain_rc_mae_vit_base_1600ep.sh"],
+                       {**RC_TEACHER, **DEC_512, "model.arch": "vit_base_patch16", "optim.epochs": 1600,
+                        "train.micro_batch": 256}),  # 8 GPUs x 256, accum 2
+    "rcmae_vit_large": ([f"{RC}", "scripts/pretrain_rc_mae_vit_large_1600ep.sh"],
+                        {**RC_TEACHER, **DEC_512, "model.arch": "vit_large_patch16", "optim.epochs": 1600,
+                         "train.micro_batch": 256}),
+    "rcmae_vit_huge": ([f"{MAE}", "PRETRAIN.md", "FINETUNE.md", "no official RC-MAE ViT-H recipe"],
+                       {**RC_TEACHER, **DEC_512, "model.arch": "vit_huge_patch14", "optim.epochs": 1600}),
+    "mae_vit_base": ([f"{MAE}", "PRETRAIN.md", "FINETUNE.md"],
+                     {**DEC_512, "rcmae.gamma": 0.0, "model.arch": "vit_base_patch16", "optim.epochs": 1600,
+                      "export.which": "student", "train.micro_batch": 64}),  # 8 nodes x 8 GPUs x 64
+}
+
+# main_finetune.py / run_finetune.py defaults and the commands' common flags
+FT_COMMON = {"optim.name": "adamw", "optim.batch_size": 1024, "optim.weight_decay": 0.05,
+             "optim.betas": [0.9, 0.999], "optim.warmup_epochs": 5, "optim.min_lr": 1e-6,
+             "aug.rand_augment": "rand-m9-mstd0.5-inc1", "aug.reprob": 0.25, "aug.mixup": 0.8,
+             "aug.cutmix": 1.0, "aug.smoothing": 0.1, "model.global_pool": "avg",
+             "model.head_init_std": 2e-5, "model.img_size": 224, "data.crop_pct": None,
+             "train.mode": "finetune"}
+FINETUNE = {
+    "mae_vit_base": ([MAE, "FINETUNE.md"], {"model.arch": "vit_base_patch16", "optim.epochs": 100,
+                     "optim.base_lr": 5e-4, "optim.layer_decay": 0.65, "model.drop_path": 0.1}),
+    "mae_vit_large": ([MAE, "FINETUNE.md"], {"model.arch": "vit_large_patch16", "optim.epochs": 50,
+                      "optim.base_lr": 1e-3, "optim.layer_decay": 0.75, "model.drop_path": 0.2}),
+    "mae_vit_huge": ([MAE, "FINETUNE.md"], {"model.arch": "vit_huge_patch14", "optim.epochs": 50,
+                     "optim.base_lr": 1e-3, "optim.layer_decay": 0.75, "model.drop_path": 0.3}),
+    "rcmae_vit_small": ([RC, "scripts/finetune_rc_mae_small.sh"],
+                        {"model.arch": "vit_small_patch16", "optim.epochs": 300, "optim.base_lr": 5e-4,
+                         "optim.layer_decay": 0.75, "model.drop_path": 0.1, "init.which": "teacher"}),
+    "rcmae_vit_base": ([RC, "scripts/finetune_rc_mae_base.sh"],
+                       {"model.arch": "vit_base_patch16", "optim.epochs": 100, "optim.base_lr": 5e-4,
+                        "optim.layer_decay": 0.65, "model.drop_path": 0.1, "init.which": "teacher"}),
+    "rcmae_vit_large": ([RC, "scripts/finetune_rc_mae_large.sh"],
+                        {"model.arch": "vit_large_patch16", "optim.epochs": 100, "optim.base_lr": 5e-4,
+                         "optim.layer_decay": 0.65, "model.drop_path": 0.2, "init.which": "teacher"}),
+}
+
+# main_linprobe.py / run_linprobe.py: LARS, blr 0.1, wd 0, warmup 10, min lr 0, cls token, no mixup
+LP_COMMON = {"train.mode": "linprobe", "optim.name": "lars", "optim.batch_size": 16384, "optim.base_lr": 0.1,
+             "optim.weight_decay": 0.0, "optim.warmup_epochs": 10, "optim.min_lr": 0.0,
+             "model.global_pool": "token", "aug.mixup": 0.0, "aug.cutmix": 0.0, "aug.rand_augment": None,
+             "aug.reprob": 0.0, "aug.smoothing": 0.0}
+LINPROBE = {
+    "vit_base": ([MAE, "FINETUNE.md", RC, "scripts/linear_rc_mae_vit_base.sh"],
+                 {"model.arch": "vit_base_patch16", "optim.epochs": 90}),
+    "vit_large": ([MAE, "FINETUNE.md", RC, "scripts/linear_rc_mae_vit_large.sh"],
+                  {"model.arch": "vit_large_patch16", "optim.epochs": 50}),
+    "vit_huge": ([MAE, "FINETUNE.md"], {"model.arch": "vit_huge_patch14", "optim.epochs": 50}),
+}
+
+TABLES = [("pretrain", PT_DEFAULTS, PRETRAIN, PT_COMMON), ("finetune", FT_DEFAULTS, FINETUNE, FT_COMMON),
+          ("linprobe", FT_DEFAULTS, LINPROBE, LP_COMMON)]
+CASES = [(kind, defaults, name, sources, {**common, **values})
+         for kind, defaults, table, common in TABLES for name, (sources, values) in table.items()]
+
+
+def value(cfg: dict, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("kind,defaults,name,sources,expected", CASES,
+                         ids=[f"{c[0]}/{c[2]}" for c in CASES])
+def test_recipe_matches_its_source(kind, defaults, name, sources, expected):
+    path = ROOT / "configs" / kind / f"{name}.yaml"
+    text = path.read_text()
+    for source in sources:
+        assert source in text, f"{path} does not name its source {source!r}"
+    cfg = load_config(defaults, path)
+    wrong = {k: (value(cfg, k), v) for k, v in expected.items() if value(cfg, k) != v}
+    assert not wrong, f"{path}: (config, source) differ: {wrong}"
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune", "linprobe"])
+def test_every_shipped_recipe_is_checked(kind):
+    shipped = {p.stem for p in (ROOT / "configs" / kind).glob("*.yaml")} - {"demo"}
+    listed = {name for k, _, name, _, _ in CASES if k == kind}
+    assert shipped == listed
+
+
+def test_official_layout_gives_the_official_accumulation():
+    """The RC-MAE configs' micro-batches reproduce the scripts' accumulation on 8 processes."""
+    for name, accum in (("rcmae_vit_small", 1), ("rcmae_vit_base", 2), ("rcmae_vit_large", 2)):
+        cfg = load_config(PT_DEFAULTS, ROOT / "configs" / "pretrain" / f"{name}.yaml", ["data.path=x"])
+        assert validate(cfg, world=8) == accum, name
+
+
+# ---- the official teacher schedule ------------------------------------------------------------
+
+def dino_cosine_table(base_value, final_value, epochs, niter_per_ep):
+    """The official ``util/lr_sched.cosine_scheduler`` (from DINO) without warmup, as written there."""
+    iters = np.arange(epochs * niter_per_ep)
+    return final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+
+
+def test_official_momenta_index_the_official_table():
+    steps_per_epoch, accum, epochs, base = 5, 2, 3, 0.99
+    table = dino_cosine_table(base, 1, epochs, steps_per_epoch * accum)
+    for step in range(epochs * steps_per_epoch):
+        got = teacher_momenta("official", step, steps_per_epoch, epochs * steps_per_epoch, accum, base)
+        first = (step % steps_per_epoch) * accum  # data_iter_step: the micro-batch within the epoch
+        np.testing.assert_allclose(got, table[first:first + accum], rtol=0, atol=1e-15)
+    # the official index restarts every epoch: the momentum never leaves the start of the cosine
+    last = teacher_momenta("official", epochs * steps_per_epoch - 1, steps_per_epoch,
+                           epochs * steps_per_epoch, accum, base)
+    assert max(last) < base + (1 - base) * 0.5
+    assert teacher_momenta("cosine", 15, 5, 15, 2, base) == [pytest.approx(1.0)]
+    with pytest.raises(ValueError, match="momentum_schedule"):
+        teacher_momenta("step", 0, 5, 15, 2, base)
+    with pytest.raises(ConfigError, match="momentum_schedule"):
+        validate(load_config(PT_DEFAULTS, None, ["data.path=x", "rcmae.momentum_schedule=dino"]), world=8)
+
+
+def micro_rcmae():
+    torch.manual_seed(0)
+    return RCMAE(build_mae("vit_micro_patch8", 32, 32, 1, 2), 0.75, 1.0)
+
+
+def test_official_schedule_reproduces_the_official_loop():
+    """``rcmae.momentum_schedule=official`` through TrainStep equals a direct re-implementation of the
+    official ``engine_pretrain.train_one_epoch``: EMA after every micro-batch with
+    ``momentum_schedule[data_iter_step]``, the optimizer stepping every ``accum_iter`` micro-batches."""
+    epochs, steps_per_epoch, accum, micro, base, lr = 2, 3, 2, 4, 0.9, 1e-2
+    total = epochs * steps_per_epoch
+    imgs = torch.randn(total * accum, micro, 3, 32, 32)
+    noise = [mask_noise(0, s, micro * accum, 16, torch.device("cpu"), False) for s in range(total)]
+
+    # official
+    official = micro_rcmae()
+    opt = torch.optim.SGD(official.student.parameters(), lr=lr)
+    table = dino_cosine_table(base, 1, epochs, steps_per_epoch * accum)
+    for epoch in range(epochs):
+        for i in range(steps_per_epoch * accum):
+            step = epoch * steps_per_epoch + i // accum
+            k = i % accum
+            out = official(imgs[step * accum + k], noise[step][k * micro:(k + 1) * micro])
+            (out["loss"] / accum).backward()
+            if (i + 1) % accum == 0:
+                opt.step()
+                opt.zero_grad()
+            with torch.no_grad():
+                ms = table[i]
+                for q, t in zip(official.student.parameters(), official.teacher.parameters()):
+                    t.mul_(ms).add_((1 - ms) * q)
+
+    def ours(schedule):
+        model = micro_rcmae()
+        step_fn = TrainStep(model, model, torch.optim.SGD(model.student.parameters(), lr=lr), None,
+                            torch.device("cpu"))
+        for step in range(total):
+            batches = [(imgs[step * accum + k], noise[step][k * micro:(k + 1) * micro]) for k in range(accum)]
+            step_fn(batches, lr, teacher_momenta(schedule, step, steps_per_epoch, total, accum, base))
+        return model
+
+    same, atol = ours("official"), 2e-6  # float32: lerp vs mul + add round differently
+    for a, b in zip(same.teacher.parameters(), official.teacher.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+    for a, b in zip(same.student.parameters(), official.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+    # our default moves the teacher differently: the comparison above can tell them apart
+    cosine = ours("cosine")
+    gap = max((a - b).abs().max().item() for a, b in zip(cosine.teacher.parameters(), official.teacher.parameters()))
+    assert gap > 100 * atol
+
+
+# ---- weight decay, layer decay, evaluation crop -----------------------------------------------
+
+def test_tokens_are_weight_decayed_as_in_the_official_code():
+    student = build_mae("vit_micro_patch8", 32, 32, 1, 2)
+
+    def decay_of(optimizer, names):
+        params = dict(student.named_parameters())
+        return {n: next(g["weight_decay"] for g in optimizer.param_groups if any(p is params[n] for p in g["params"]))
+                for n in names}
+
+    names = ("cls_token", "mask_token", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "norm.weight")
+    official, _ = build_optimizer(student, 0.05, (0.9, 0.95), "cpu")
+    assert decay_of(official, names) == {"cls_token": 0.05, "mask_token": 0.05, "blocks.0.attn.qkv.weight": 0.05,
+                                         "blocks.0.attn.qkv.bias": 0.0, "norm.weight": 0.0}
+    exempt, _ = build_optimizer(student, 0.05, (0.9, 0.95), "cpu", decay_tokens=False)
+    assert decay_of(exempt, names)["cls_token"] == decay_of(exempt, names)["mask_token"] == 0.0
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_layer_decay_follows_mae_param_groups_lrd(pool):
+    """MAE ``util/lr_decay.py``: layer id 0 for cls/pos/patch embedding, i + 1 for block i, depth + 1
+    for everything else, so the final ``norm`` (token pooling) keeps the full lr."""
+    model = build_classifier("vit_base_patch16", 224, 1000, pool)
+    opt = build_ft_optimizer(model, dict(FT_DEFAULTS["optim"], layer_decay=0.65), "cpu")
+    depth, seen = 12, 0
+    for name, p in model.named_parameters():
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:  # norm / fc_norm, head
+            layer = depth + 1
+        assert group["lr_scale"] == pytest.approx(0.65 ** (depth + 1 - layer)), name
+        no_decay = p.ndim <= 1 or name in ("pos_embed", "cls_token")
+        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        seen += 1
+    assert seen == len(list(model.parameters()))
+    assert any(n.startswith("norm.") for n, _ in model.named_parameters()) == (pool == "token")
+
+
+def test_eval_crop_follows_mae():
+    """MAE ``util/datasets.py``: crop_pct 224/256 up to 224 px, 1.0 above; an explicit value wins."""
+    assert eval_crop_pct(224) == 0.875 and eval_crop_pct(192) == 0.875
+    assert eval_crop_pct(384) == 1.0 and eval_crop_pct(448) == 1.0
+    assert eval_crop_pct(448, 0.9) == 0.9
+    for size, resized in ((224, 256), (448, 448)):
+        resize = eval_transform(size, None).transforms[0]
+        assert resize.size in (resized, [resized]) and math.isclose(size / eval_crop_pct(size), resized)

@@ -1,11 +1,7 @@
-"""Benchmark layouts (ImageNet val / -C / -A / -R / -Sketch), class-subset masks, the demo sets and
-the ImageNet-C generator."""
+"""Benchmark layouts (ImageNet val / -C / -A / -R / -Sketch), class-subset masks and the demo sets."""
 from __future__ import annotations
 
 import logging
-import os
-from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +9,16 @@ import torch
 from PIL import Image
 from torchvision import transforms
 from torchvision.datasets.folder import find_classes
-from tqdm import tqdm
 
 from finetune.data import DEMO_CLASSES, eval_dataset, imagenet_wnids, labelled_images
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, SeededImages
 
+from .imagenet_c import make_imagenet_c
 from .metrics import BENCHMARK, EXTRA, SEVERITIES
 
 log = logging.getLogger(__name__)
 
 SUBSET_LISTS = {"imagenet_a": "imagenet_a_synsets.txt", "imagenet_r": "imagenet_r_synsets.txt"}
-JPEG_QUALITY = 85
 
 
 def class_mask(root: str | Path, benchmark: str) -> torch.Tensor:
@@ -70,56 +65,6 @@ def imagenet_c_dataset(folder: Path, resize: bool, crop_pct: float = 0.875, img_
     paths, labels, _ = labelled_images(folder, "imagenet1k", str(folder))
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return SeededImages(paths, tf, labels, replace_unreadable=False)
-
-
-# ----------------------------------------------------------------------------- generator
-def _corrupt_one(task, out_root: Path):
-    from imagecorruptions import corrupt
-
-    src, rel, corruption, severity = task
-    dst = out_root / corruption / str(severity) / rel
-    if dst.exists():  # resumable: finished files are skipped
-        return 0
-    img = Image.open(src).convert("RGB")
-    img = transforms.CenterCrop(224)(transforms.Resize(256)(img))  # as the benchmark was made
-    arr = corrupt(np.asarray(img), corruption_name=corruption, severity=severity)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    Image.fromarray(np.uint8(arr)).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-    os.replace(tmp, dst)
-    return 1
-
-
-def make_imagenet_c(val: str | Path, out: str | Path, corruptions=(*BENCHMARK, *EXTRA),
-                    severities=SEVERITIES, workers: int = 1, show_progress: bool = True) -> int:
-    """Write ``out/<corruption>/<severity>/<wnid>/<name>.JPEG`` for every image of an ImageNet-style
-    folder: resize 256, centre crop 224, corrupt (imagecorruptions), JPEG quality 85. Returns the
-    number of files written (existing ones are kept)."""
-    val, out = Path(val), Path(out)
-    unknown = [c for c in corruptions if c not in (*BENCHMARK, *EXTRA)]
-    if unknown:
-        raise ValueError(f"unknown corruptions {unknown}; choose from {list(BENCHMARK + EXTRA)}")
-    if any(s not in SEVERITIES for s in severities):
-        raise ValueError(f"severities must be in {SEVERITIES}, got {list(severities)}")
-    paths, _, _ = labelled_images(val, "folder", "--val")
-    tasks = [(p, Path(p).relative_to(val).with_suffix(".JPEG"), c, s)
-             for c in corruptions for s in severities for p in paths]
-    for stale in out.rglob("*.tmp") if out.exists() else []:
-        stale.unlink()
-    work = partial(_corrupt_one, out_root=out)
-    bar = tqdm(total=len(tasks), desc="ImageNet-C", unit="img", disable=not show_progress)
-    written = 0
-    if workers > 1:
-        with Pool(workers) as pool:
-            for n in pool.imap_unordered(work, tasks, chunksize=8):
-                written += n
-                bar.update()
-    else:
-        for task in tasks:
-            written += work(task)
-            bar.update()
-    bar.close()
-    return written
 
 
 # ----------------------------------------------------------------------------- demo

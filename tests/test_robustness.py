@@ -14,7 +14,8 @@ from finetune.models import build_classifier
 from pretrain import checkpoint as ck
 from pretrain.config import load_config
 from pretrain.models import build_mae
-from robustness.data import JPEG_QUALITY, class_mask, make_imagenet_c
+from robustness.data import class_mask
+from robustness.imagenet_c import JPEG_QUALITY, make_imagenet_c
 from robustness.evaluate import DEFAULTS, load_classifier, main
 from robustness.metrics import ALEXNET_CLEAN_ERR, ALEXNET_ERR, SEVERITIES, corruption_errors
 

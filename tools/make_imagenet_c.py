@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from robustness.data import make_imagenet_c  # noqa: E402
+from robustness.imagenet_c import make_imagenet_c  # noqa: E402
 from robustness.metrics import BENCHMARK, EXTRA, SEVERITIES  # noqa: E402
 
 

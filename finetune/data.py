@@ -9,9 +9,9 @@ import timm.data
 from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, SeededImages
+from pretrain.data import (IMAGENET_MEAN, IMAGENET_STD, SeededImages, check_folder_pair,
+                           image_folder_classes, image_folder_samples)
 
 # Real photos shipped with scikit-image, named by the ImageNet-1k class they show.
 DEMO_CLASSES = {"chelsea": "n02123045",            # tabby, tabby cat
@@ -33,13 +33,7 @@ def labelled_images(root: str | Path, label_space: str, what: str) -> tuple[list
     ``label_space``: ``folder`` (sorted folder index) or ``imagenet1k`` (folders are wnids, labels
     are their index among the 1000 ImageNet-1k classes, whatever subset of folders is present).
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{what}: image folder {root} does not exist")
-    try:
-        classes, _ = find_classes(str(root))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{what}: {root} is not an ImageFolder tree (root/<class>/<image>): {e}") from None
+    classes = image_folder_classes(root, what)
     if label_space == "folder":
         class_to_idx, num_classes = {c: i for i, c in enumerate(classes)}, len(classes)
     elif label_space == "imagenet1k":
@@ -51,7 +45,7 @@ def labelled_images(root: str | Path, label_space: str, what: str) -> tuple[list
         class_to_idx, num_classes = {c: index[c] for c in classes}, len(index)
     else:
         raise ValueError(f"data.label_space must be folder or imagenet1k, got {label_space!r}")
-    samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    samples = image_folder_samples(root, class_to_idx, what)
     return [p for p, _ in samples], [y for _, y in samples], num_classes
 
 
@@ -85,20 +79,15 @@ def labelled_pair(d: dict, out_dir: Path, is_main: bool, section: str = "data",
     """(train_path, val_path, label_space) of a config section with ``source`` (folder / demo),
     ``train_path``, ``val_path``, ``label_space``; the demo set is built (by the main process) under
     ``out_dir / demo_dir``."""
-    from pretrain.config import ConfigError
     from pretrain.distributed import barrier
 
+    check_folder_pair(d, section)
     if d["source"] == "demo":
         root = Path(out_dir) / demo_dir
         if is_main:
             build_demo_labelled(root)
         barrier()
         return root / "train", root / "val", "imagenet1k"
-    if d["source"] != "folder":
-        raise ConfigError(f"{section}.source must be folder or demo, got {d['source']!r}")
-    if not d["train_path"] or not d["val_path"]:
-        raise ConfigError(f"{section}.train_path and {section}.val_path are required (labelled ImageFolder "
-                          "trees, e.g. imagenet/train and imagenet/val), or set source: demo")
     return d["train_path"], d["val_path"], d["label_space"]
 
 
@@ -139,7 +128,12 @@ def eval_transform(img_size: int, crop_pct: float | None):
                             crop_pct=eval_crop_pct(img_size, crop_pct), mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def eval_dataset(root: str | Path, label_space: str, img_size: int, crop_pct: float | None, what: str):
+def labelled_dataset(root: str | Path, label_space: str, transform, what: str) -> tuple[SeededImages, int]:
+    """An evaluation set of a labelled folder (unreadable images counted apart, never replaced);
+    returns it with the number of classes of ``label_space``."""
     paths, labels, num_classes = labelled_images(root, label_space, what)
-    return SeededImages(paths, eval_transform(img_size, crop_pct), labels,
-                        replace_unreadable=False), num_classes
+    return SeededImages(paths, transform, labels, replace_unreadable=False), num_classes
+
+
+def eval_dataset(root: str | Path, label_space: str, img_size: int, crop_pct: float | None, what: str):
+    return labelled_dataset(root, label_space, eval_transform(img_size, crop_pct), what)

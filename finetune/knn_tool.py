@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import logging
 
+from pretrain.checkpoint import check_checkpoint_option
+from pretrain.data import check_folder_pair
+from pretrain.models import check_arch
 from pretrain.run import start_run
 from pretrain.train import KNN_DEFAULTS
 
@@ -23,8 +26,16 @@ DEFAULTS = {
 }
 
 
+def validate(cfg: dict, world: int) -> None:
+    """Check a config before any work (the folder pair, the checkpoint file, the architecture)."""
+    check_arch(cfg["model"]["arch"], cfg["model"]["img_size"])
+    check_folder_pair(cfg["data"], "data")
+    check_checkpoint_option("init.checkpoint", cfg["init"]["checkpoint"])
+
+
 def main(cfg: dict) -> dict:
     run = start_run(cfg)
+    validate(cfg, run.env.world_size)
     m, d = cfg["model"], cfg["data"]
     train_set, val_set, num_classes = labelled_eval_sets(d, run.out_dir, run.env.is_main, m["img_size"])
     backbone = build_classifier(m["arch"], m["img_size"], num_classes=0, global_pool="token")

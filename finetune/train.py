@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import ConfigError
-from pretrain.data import SeededImages, sample_seed, seeded, train_batches
+from pretrain.data import SeededImages, check_folder_pair, sample_seed, seeded, train_batches
 from pretrain.distributed import all_gather_objects, barrier
 from pretrain.engine import TrainStep, training_forward
+from pretrain.models import check_arch
 from pretrain.rcmae import lr_at
 from pretrain.run import (MetricLogger, accumulation_steps, rng_state,
                             set_rng_state, start_run, warn_config_changes)
@@ -28,6 +29,8 @@ from .models import build_classifier, classifier_state, init_head, linear_probe_
 
 log = logging.getLogger("finetune")
 
+# MAE's (and RC-MAE's) ViT-B/16 fine-tuning recipe (configs/finetune/{mae,rcmae}_vit_base.yaml): what
+# tools/finetune.py runs without --config-file.
 DEFAULTS = {
     "model": {"arch": "vit_base_patch16", "img_size": 224, "global_pool": "avg", "drop_path": 0.1,
               "head_init_std": 2.0e-5},
@@ -45,6 +48,18 @@ DEFAULTS = {
     "eval": {"every_epochs": 1, "batch_size": 256},
     "checkpoint": {"every_epochs": 1, "keep": 1},
     "log": {"every_steps": 20, "tensorboard": False},
+}
+
+
+# MAE's linear-probing recipe for ViT-B (configs/linprobe/vit_base.yaml): what tools/linprobe.py runs
+# without --config-file.
+LINPROBE_DEFAULTS = {
+    **DEFAULTS,
+    "model": {**DEFAULTS["model"], "global_pool": "token", "drop_path": 0.0},
+    "aug": {"rand_augment": None, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0},
+    "optim": {**DEFAULTS["optim"], "name": "lars", "batch_size": 16384, "base_lr": 0.1, "min_lr": 0.0,
+              "weight_decay": 0.0, "epochs": 90, "warmup_epochs": 10},
+    "train": {**DEFAULTS["train"], "mode": "linprobe", "output_dir": "output/linprobe", "micro_batch": 512},
 }
 
 
@@ -128,17 +143,29 @@ def datasets(cfg: dict, run, mode: str):
     return train, val, num_classes
 
 
+def validate(cfg: dict, world: int) -> int:
+    """Check a config for ``world`` processes (key combinations, data folders, checkpoint files)
+    before any work; returns the gradient-accumulation factor."""
+    t, m, o = cfg["train"], cfg["model"], cfg["optim"]
+    if t["mode"] not in ("finetune", "linprobe"):
+        raise ConfigError(f"train.mode must be finetune or linprobe, got {t['mode']!r}")
+    check_arch(m["arch"], m["img_size"])
+    accum = accumulation_steps(o["batch_size"], t["micro_batch"], world)
+    if (cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0) and t["micro_batch"] % 2:
+        raise ConfigError("mixup / cutmix need an even train.micro_batch")
+    check_folder_pair(cfg["data"], "data")
+    ckpt.check_checkpoint_option("init.checkpoint", cfg["init"]["checkpoint"])
+    ckpt.check_checkpoint_option("train.resume", t["resume"])
+    return accum
+
+
 def main(cfg: dict) -> dict:
     run = start_run(cfg)
     env, device, out_dir = run.env, run.device, run.out_dir
     t, m, o, mode = cfg["train"], cfg["model"], cfg["optim"], cfg["train"]["mode"]
-    if mode not in ("finetune", "linprobe"):
-        raise ConfigError(f"train.mode must be finetune or linprobe, got {mode!r}")
-    accum = accumulation_steps(o["batch_size"], t["micro_batch"], env.world_size)
+    accum = validate(cfg, env.world_size)
     train_set, val_set, num_classes = datasets(cfg, run, mode)
     mixup, criterion = build_criterion(cfg["aug"], num_classes)
-    if mixup is not None and t["micro_batch"] % 2:
-        raise ConfigError("mixup / cutmix need an even train.micro_batch")
 
     torch.manual_seed(t["seed"])
     model = build_classifier(m["arch"], m["img_size"], num_classes, m["global_pool"],

@@ -67,6 +67,12 @@ def resume_path(resume, out_dir: str | Path) -> Path | None:
     return None if resume in (None, "none", False) else Path(resume)
 
 
+def check_checkpoint_option(key: str, value) -> None:
+    """A config value naming a checkpoint file (``auto`` / ``none`` / unset pass) must exist."""
+    if value not in (None, "auto", "none", False) and not Path(value).is_file():
+        raise FileNotFoundError(f"{key}: checkpoint {value} does not exist")
+
+
 def find_last_checkpoint(out_dir: str | Path) -> Path | None:
     pointer = Path(out_dir) / POINTER
     if not pointer.is_file():

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +57,52 @@ def pretrain_transform(img_size: int, min_scale: float):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def list_images(root: str | Path) -> list[str]:
-    """Image paths of an ImageFolder tree (``root/<class>/<image>``)."""
+def image_folder_classes(root: str | Path, what: str) -> list[str]:
+    """The class folders of an ImageFolder tree (``root/<class>/<image>``), after the checks that need
+    no scan of the images: the folder exists, has class folders, and is not a dataset root."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data.path: image folder {root} does not exist")
+        raise FileNotFoundError(f"{what}: image folder {root} does not exist")
     try:
-        _, class_to_idx = find_classes(str(root))
-        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+        classes, _ = find_classes(str(root))
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"data.path: {root} is not an ImageFolder tree "
-                                f"(root/<class>/<image>): {e}") from None
-    if {"train", "val"} <= set(class_to_idx):
-        raise FileNotFoundError(f"data.path: {root} looks like a dataset root (it holds train/ and val/ as "
-                                f"classes); point it at the training split, e.g. {root / 'train'}")
-    return [path for path, _ in samples]
+        raise FileNotFoundError(f"{what}: {root} is not an ImageFolder tree (root/<class>/<image>): {e}") from None
+    if {"train", "val"} <= set(classes):
+        raise FileNotFoundError(f"{what}: {root} looks like a dataset root (it holds train/ and val/ as "
+                                f"classes); point it at a split, e.g. {root / 'train'}")
+    return classes
+
+
+def check_folder_pair(d: dict, section: str) -> None:
+    """A config section with ``source`` (folder / demo), ``train_path``, ``val_path``: the demo takes
+    no paths; a folder source needs both, each an ImageFolder tree."""
+    if d["source"] == "demo":
+        given = [f"{section}.{k}={d[k]}" for k in ("train_path", "val_path") if d[k]]
+        if given:
+            raise ConfigError(f"{section}.source=demo builds its own images and would ignore {', '.join(given)}: "
+                              f"drop --demo / {section}.source=demo (the default is folder)")
+        return
+    if d["source"] != "folder":
+        raise ConfigError(f"{section}.source must be folder or demo, got {d['source']!r}")
+    for key in ("train_path", "val_path"):
+        if not d[key]:
+            raise ConfigError(f"{section}.{key} is required (a labelled ImageFolder tree, e.g. "
+                              f"imagenet/{key[:-len('_path')]}), or {section}.source=demo")
+        image_folder_classes(d[key], f"{section}.{key}")
+
+
+def image_folder_samples(root: str | Path, class_to_idx: dict[str, int], what: str) -> list[tuple[str, int]]:
+    """(path, label) of every image under the given class folders of ``root``."""
+    try:
+        return make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as e:  # a class folder without images
+        raise FileNotFoundError(f"{what}: {root}: {e}") from None
+
+
+def list_images(root: str | Path, what: str = "data.path") -> list[str]:
+    """Image paths of an ImageFolder tree (``root/<class>/<image>``)."""
+    classes = image_folder_classes(root, what)
+    return [path for path, _ in image_folder_samples(root, {c: i for i, c in enumerate(classes)}, what)]
 
 
 class SeededImages(Dataset):

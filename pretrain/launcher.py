@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .checkpoint import find_last_checkpoint
+from .config import ConfigError
 
 
 def add_launch_args(parser: argparse.ArgumentParser) -> None:
@@ -20,19 +21,27 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm", action="store_true", help="submit to SLURM instead of running here")
     g.add_argument("--local", action="store_true",
                    help="with --slurm: submitit's local executor (debugging, tests)")
-    g.add_argument("--dry-run", action="store_true", help="print the job and sbatch script, submit nothing")
+    g.add_argument("--dry-run", action="store_true", help="check the job, print it, submit nothing")
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=8)
     g.add_argument("--cpus-per-task", type=int, default=10)
-    g.add_argument("--mem-gb", type=int, default=0, help="per node; 0 = all of it")
+    g.add_argument("--mem-gb", type=int, default=0, help="per node; 0 = all of it (--mem=0)")
     g.add_argument("--partition", default=None)
     g.add_argument("--timeout", type=int, default=72 * 60, help="minutes per allocation")
     g.add_argument("--account", default=None)
     g.add_argument("--qos", default=None)
     g.add_argument("--constraint", default=None)
+    g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, passed through (repeatable), e.g. exclusive=true, "
+                        "reservation=R, comment=C")
     g.add_argument("--max-requeues", type=int, default=20)
     g.add_argument("--job-name", default=None)
     g.add_argument("--job-dir", default=None, help="submitit logs (default <output_dir>/submitit)")
+
+
+def slurm_world_size(args: argparse.Namespace) -> int:
+    """Processes the submitted job will run: one task per GPU (one per node with --local)."""
+    return 1 if args.local else args.nodes * max(args.gpus_per_node, 1)
 
 
 def run_main(main: Callable[[dict], dict], cfg: dict) -> dict:
@@ -69,6 +78,7 @@ class Job:
 
 
 def executor_parameters(args: argparse.Namespace, name: str) -> dict:
+    """submitit's public parameters for this job (``AutoExecutor.update_parameters``)."""
     gpus = args.gpus_per_node
     params = dict(name=args.job_name or name, nodes=args.nodes, tasks_per_node=max(gpus, 1),
                   cpus_per_task=args.cpus_per_task, timeout_min=args.timeout,
@@ -77,27 +87,37 @@ def executor_parameters(args: argparse.Namespace, name: str) -> dict:
         params["gpus_per_node"] = gpus
     if args.mem_gb:
         params["mem_gb"] = args.mem_gb
+    else:
+        params["slurm_mem"] = "0"  # SLURM: all the memory of each node
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(args, key):
             params[f"slurm_{key}"] = getattr(args, key)
+    extra = {}
+    for item in args.slurm_param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--slurm-param {item!r} is not KEY=VALUE")
+        extra[key.strip().replace("-", "_")] = True if value.lower() == "true" else value
+    if extra:
+        params["slurm_additional_parameters"] = extra
     return params
 
 
-def sbatch_preview(params: dict, folder: Path) -> str:
-    """The sbatch script submitit would write for these parameters (submits nothing)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    sbatch = {"job_name": params["name"], "nodes": params["nodes"],
-              "ntasks_per_node": params["tasks_per_node"], "cpus_per_task": params["cpus_per_task"],
-              "time": params["timeout_min"], "signal_delay_s": params["slurm_signal_delay_s"]}
-    if "gpus_per_node" in params:
-        sbatch["gpus_per_node"] = params["gpus_per_node"]
+def sbatch_options(params: dict) -> list[str]:
+    """The ``#SBATCH`` options these parameters ask for, in sbatch's own spelling (a preview: submitit
+    writes the script itself, adding its output files and the command)."""
+    names = {"name": "job-name", "nodes": "nodes", "tasks_per_node": "ntasks-per-node",
+             "cpus_per_task": "cpus-per-task", "gpus_per_node": "gpus-per-node", "timeout_min": "time"}
+    options = {flag: params[key] for key, flag in names.items() if key in params}
     if "mem_gb" in params:
-        sbatch["mem"] = f"{params['mem_gb']}GB"
-    sbatch.update({k[len("slurm_"):]: v for k, v in params.items()
-                   if k.startswith("slurm_") and k != "slurm_signal_delay_s"})
-    return _make_sbatch_string(command="python -u -m submitit.core._submit " + str(folder),
-                               folder=folder, **sbatch)
+        options["mem"] = f"{params['mem_gb']}GB"
+    options["signal"] = f"USR2@{params['slurm_signal_delay_s']}"
+    for key, value in params.items():
+        if key.startswith("slurm_") and key not in ("slurm_signal_delay_s", "slurm_additional_parameters"):
+            options[key[len("slurm_"):]] = value
+    options.update(params.get("slurm_additional_parameters", {}))
+    return [f"#SBATCH --{k.replace('_', '-')}" if v is True else f"#SBATCH --{k.replace('_', '-')}={v}"
+            for k, v in options.items()]
 
 
 def launch(main: Callable[[dict], dict], cfg: dict, args: argparse.Namespace, name: str):
@@ -116,7 +136,8 @@ def launch(main: Callable[[dict], dict], cfg: dict, args: argparse.Namespace, na
         params["tasks_per_node"] = 1
     if args.dry_run:
         print("submitit parameters:", json.dumps(params, indent=2))
-        print(sbatch_preview(params, folder / "%j"))
+        print("\n".join(["sbatch options:", *sbatch_options(params)]))
+        print(f"job logs: {folder}/<job id>; outputs: {out_dir}")
         return None
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="local" if args.local else None,
                                      slurm_max_num_timeout=args.max_requeues)
@@ -127,11 +148,17 @@ def launch(main: Callable[[dict], dict], cfg: dict, args: argparse.Namespace, na
 
 
 def run_cli(argv, *, defaults: dict, main: Callable[[dict], dict], demo_config: Path, name: str,
-            description: str, errors: tuple = (), add_args=None, args_to_overrides=None):
-    """The command line every tool shares: ``--config-file`` (default: the tool's demo),
-    ``key.sub=value`` overrides, ``--output-dir``, ``--resume [PATH]`` / ``--no-resume``, and the
-    cluster options; runs here or submits, and prints where the outputs are. A tool may add flags
-    (``add_args(parser)``) that become overrides (``args_to_overrides(args) -> ["key=value", ...]``)."""
+            description: str, errors: tuple = (), add_args=None, args_to_overrides=None,
+            preflight: Callable[[dict, int], object] | None = None):
+    """The command line every tool shares: ``--config-file``, ``key.sub=value`` overrides,
+    ``--output-dir``, ``--resume [PATH]`` / ``--no-resume`` (tools that resume), and the cluster
+    options; runs here or submits, and prints where the outputs are.
+
+    The tool's demo (``demo_config``) runs only with no arguments at all or ``--demo``; any other
+    call starts from ``defaults`` (the documented recipe). ``preflight(cfg, world_size)`` checks a
+    config before a job is submitted, with the world size the job will have. A tool may add flags
+    (``add_args(parser)``) that become overrides (``args_to_overrides(args) -> ["key=value", ...]``).
+    """
     import sys
 
     from .checkpoint import CheckpointError
@@ -139,26 +166,35 @@ def run_cli(argv, *, defaults: dict, main: Callable[[dict], dict], demo_config: 
 
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=None, help=f"YAML config (default: the demo, {demo_config.name})")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from the output dir's last checkpoint (the default behaviour), or "
-                        "from PATH")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+    p.add_argument("--demo", action="store_true",
+                   help=f"the CPU demo ({demo_config.name}); also what a call without arguments runs")
+    p.add_argument("--config-file", default=None,
+                   help="YAML config; without one the tool's defaults (the published recipe) apply")
+    if "resume" in defaults.get("train", {}):
+        p.add_argument("--resume", nargs="?", const="auto", default=None,
+                       help="resume from the output dir's last checkpoint (the default behaviour), or "
+                            "from PATH")
+        p.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
     p.add_argument("--output-dir", default=None, help="same as train.output_dir=...")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     if add_args is not None:
         add_args(p)
     add_launch_args(p)
     args = p.parse_args(argv)
+    demo = args.demo or not argv
     overrides = (args_to_overrides(args) if args_to_overrides else []) + list(args.overrides)
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
-    if args.resume:
+    if getattr(args, "resume", None):
         overrides.append(f"train.resume={args.resume}")
-    if args.no_resume:
+    if getattr(args, "no_resume", False):
         overrides.append("train.resume=none")
     try:
-        cfg = load_config(defaults, args.config_file or demo_config, overrides)
+        if demo and args.config_file:
+            raise ConfigError("--demo runs the demo config; drop --demo to use --config-file")
+        cfg = load_config(defaults, demo_config if demo else args.config_file, overrides)
+        if args.slurm and preflight is not None:  # fail now, not after the queue wait
+            preflight(cfg, slurm_world_size(args))
         result = launch(main, cfg, args, name=name)
     except (ConfigError, CheckpointError, FileNotFoundError, *errors) as e:
         sys.exit(f"error: {e}")

@@ -10,8 +10,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError
-from .data import (SeededImages, SyntheticImages, build_demo_folder, list_images, pretrain_transform,
-                   train_batches)
+from .data import (SeededImages, SyntheticImages, build_demo_folder, check_folder_pair, image_folder_classes,
+                   list_images, pretrain_transform, train_batches)
 from .distributed import all_gather_objects, barrier
 from .engine import TrainStep, build_optimizer, mask_noise, param_groups, training_forward
 from .models import build_mae, check_arch, is_encoder_key
@@ -23,6 +23,8 @@ from .visualize import save_reconstruction
 log = logging.getLogger("pretrain")
 
 KNN_DEFAULTS = {"k": 20, "temperature": 0.07, "pool": "cls", "batch_size": 256}
+# The RC-MAE ViT-B/16 recipe (configs/pretrain/rcmae_vit_base.yaml, which adds the official layout's
+# micro-batch): what a run without --config-file trains.
 DEFAULTS = {
     "model": {"arch": "vit_base_patch16", "img_size": 224, "decoder_dim": 512, "decoder_depth": 8,
               "decoder_heads": 16, "mask_ratio": 0.75, "norm_pix_loss": True},
@@ -31,7 +33,7 @@ DEFAULTS = {
     "data": {"source": "folder", "path": None, "crop_min_scale": 0.2, "num_workers": 10,
              "synthetic_size": 4096},
     "optim": {"batch_size": 4096, "base_lr": 1.5e-4, "lr": None, "min_lr": 0.0,
-              "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": None, "epochs": 800,
+              "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": None, "epochs": 1600,
               "warmup_epochs": 40, "decay_tokens": True},  # decay_tokens: official MAE / RC-MAE
     "train": {"output_dir": "output/pretrain", "micro_batch": 64, "precision": "auto",
               "device": "auto", "compile": False, "seed": 0, "resume": "auto", "init": None,
@@ -45,22 +47,29 @@ DEFAULTS = {
 }
 
 def validate(cfg: dict, world: int) -> int:
-    """Check cross-key constraints; returns the gradient-accumulation factor."""
+    """Check a config for ``world`` processes (key combinations, data folders, checkpoint files)
+    before any work; returns the gradient-accumulation factor."""
     m, o, t = cfg["model"], cfg["optim"], cfg["train"]
     check_arch(m["arch"], m["img_size"])
     if not 0 < m["mask_ratio"] < 1:
         raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m['mask_ratio']}")
-    if cfg["data"]["source"] not in ("folder", "demo", "synthetic"):
+    d = cfg["data"]
+    if d["source"] not in ("folder", "demo", "synthetic"):
         raise ConfigError("data.source must be folder, demo or synthetic")
-    if cfg["data"]["source"] == "folder" and not cfg["data"]["path"]:
-        raise ConfigError("data.source=folder needs data.path (an ImageFolder tree, e.g. "
-                          "imagenet/train)")
+    if d["source"] == "folder":
+        if not d["path"]:
+            raise ConfigError("data.source=folder needs data.path (an ImageFolder tree, e.g. imagenet/train)")
+        image_folder_classes(d["path"], "data.path")
+    elif d["path"]:
+        raise ConfigError(f"data.source={d['source']} makes its own images and would ignore data.path={d['path']}: "
+                          "drop --demo / data.source (the default is folder) to train on that folder")
     if t["precision"] not in ("auto", *AMP_DTYPES):
         raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {t['precision']!r}")
     knn = cfg["knn"]
-    if knn["every_epochs"] and knn["source"] == "folder" and not (knn["train_path"] and knn["val_path"]):
-        raise ConfigError("knn.every_epochs needs knn.train_path and knn.val_path (labelled ImageFolder "
-                          "trees), or knn.source=demo")
+    if knn["every_epochs"]:
+        check_folder_pair(knn, "knn")
+    ckpt.check_checkpoint_option("train.init", t["init"])
+    ckpt.check_checkpoint_option("train.resume", t["resume"])
     if cfg["rcmae"]["momentum_schedule"] not in MOMENTUM_SCHEDULES:
         raise ConfigError(f"rcmae.momentum_schedule must be one of {MOMENTUM_SCHEDULES}, "
                           f"got {cfg['rcmae']['momentum_schedule']!r}")

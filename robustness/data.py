@@ -8,10 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
-from torchvision.datasets.folder import find_classes
 
-from finetune.data import DEMO_CLASSES, eval_dataset, imagenet_wnids, labelled_images
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, SeededImages
+from finetune.data import DEMO_CLASSES, imagenet_wnids, labelled_dataset
+from pretrain.data import SeededImages, image_folder_classes
 
 from .imagenet_c import make_imagenet_c
 from .metrics import BENCHMARK, EXTRA, SEVERITIES
@@ -24,7 +23,7 @@ SUBSET_LISTS = {"imagenet_a": "imagenet_a_synsets.txt", "imagenet_r": "imagenet_
 def class_mask(root: str | Path, benchmark: str) -> torch.Tensor:
     """Bool (1000,) mask of the ImageNet-1k classes whose wnid folders ``root`` holds, after checking
     them against the benchmark's canonical list (timm's ``imagenet_{a,r}_synsets.txt``)."""
-    folders, _ = find_classes(str(root))
+    folders = image_folder_classes(root, benchmark)
     allowed = set(imagenet_wnids(SUBSET_LISTS[benchmark]))
     stray = sorted(set(folders) - allowed)
     if stray:
@@ -43,7 +42,7 @@ def imagenet_c_cells(root: str | Path) -> dict[str, dict[int, Path]]:
     """``<root>/<corruption>/<severity>/<wnid>/*`` -> {corruption: {severity: folder}}."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"ImageNet-C folder {root} does not exist")
+        raise FileNotFoundError(f"imagenet_c: folder {root} does not exist")
     cells = {}
     for c in (*BENCHMARK, *EXTRA):
         for s in SEVERITIES:
@@ -53,18 +52,29 @@ def imagenet_c_cells(root: str | Path) -> dict[str, dict[int, Path]]:
     if unknown:
         log.warning("%s: ignoring folders that are not ImageNet-C corruptions: %s", root, unknown)
     if not cells:
-        raise FileNotFoundError(f"{root} holds no <corruption>/<severity>/<wnid>/ folders")
+        raise FileNotFoundError(f"imagenet_c: {root} holds no <corruption>/<severity>/<wnid>/ folders "
+                                f"(corruptions: {', '.join(BENCHMARK + EXTRA)}; severities 1-5)")
     return cells
 
 
-def imagenet_c_dataset(folder: Path, resize: bool, crop_pct: float = 0.875, img_size: int = 224):
-    """ImageNet-C images are stored at 224 x 224 and evaluated as stored (the benchmark's protocol);
-    ``resize`` applies the val pipeline (resize 256 + centre crop 224) instead."""
-    if resize:
-        return eval_dataset(folder, "imagenet1k", img_size, crop_pct, str(folder))[0]
-    paths, labels, _ = labelled_images(folder, "imagenet1k", str(folder))
-    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return SeededImages(paths, tf, labels, replace_unreadable=False)
+def check_wnid_folder(root: str | Path, what: str) -> None:
+    """An ImageNet-style evaluation folder: exists, and its class folders are ImageNet-1k wnids
+    (no image is read or listed)."""
+    wnids = set(imagenet_wnids())
+    stray = sorted(set(image_folder_classes(root, what)) - wnids)
+    if stray:
+        raise ValueError(f"{what}: folders {stray[:5]} of {root} are not ImageNet-1k wnids; the benchmarks are "
+                         "laid out as <root>/<wnid>/<image> (ImageNet-Sketch: the sketch/ folder)")
+
+
+def eval_set(root: str | Path, transform, what: str) -> SeededImages:
+    """The images of ``root/<wnid>/`` labelled with their ImageNet-1k indices."""
+    return labelled_dataset(root, "imagenet1k", transform, what)[0]
+
+
+def stored_transform(data_config: dict):
+    """ImageNet-C as the benchmark stores it (224 x 224): tensor + normalisation, no resize."""
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(data_config["mean"], data_config["std"])])
 
 
 # ----------------------------------------------------------------------------- demo

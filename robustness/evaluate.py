@@ -1,5 +1,10 @@
 """``main(cfg)``: evaluate one ImageNet classifier on any subset of ImageNet val / -C / -A / -R / -Sketch
-and write JSON, CSV, a Markdown summary in the layout of MAE's Table 13, and a plot."""
+and write JSON, CSV, a Markdown summary in the layout of MAE's Table 13, and a plot.
+
+Every path and layout is checked before the first image. Each finished dataset or ImageNet-C cell is
+appended to ``results.jsonl`` as it completes, so a rerun skips what is done; an empty or unreadable
+cell is reported in the summary instead of stopping the run.
+"""
 from __future__ import annotations
 
 import csv
@@ -8,70 +13,70 @@ import logging
 import time
 from pathlib import Path
 
-
-from finetune.data import eval_crop_pct, eval_dataset
 from finetune.evaluate import evaluate, shard_loader
-from finetune.models import build_classifier
-from pretrain.checkpoint import CheckpointError, read_checkpoint
+from pretrain.checkpoint import check_checkpoint_option
 from pretrain.config import ConfigError, load_config
-from pretrain.distributed import barrier
-from pretrain.models import ARCHS
+from pretrain.distributed import all_gather_objects, barrier
 from pretrain.run import setup_logging, start_run
 
-from .data import build_demo_benchmarks, class_mask, imagenet_c_cells, imagenet_c_dataset
+from .data import (build_demo_benchmarks, check_wnid_folder, class_mask, eval_set, imagenet_c_cells,
+                   stored_transform)
 from .metrics import BENCHMARK, EXTRA, SEVERITIES, corruption_errors
+from .models import PREPROCESSING, Classifier, load_classifier
 
 log = logging.getLogger("robustness")
 
 DEFAULTS = {
-    "model": {"checkpoint": None, "arch": "vit_base_patch16", "img_size": 224},
-    "data": {"imagenet_val": None, "imagenet_c": None, "imagenet_a": None, "imagenet_r": None,
-             "imagenet_sketch": None, "imagenet_c_resize": False, "crop_pct": None,
+    # arch / img_size: read from the checkpoint where it tells them (ours, MAE); a timm model name
+    # for timm state dicts. preprocessing: auto (follows the weights) | mae | timm
+    "model": {"checkpoint": None, "arch": None, "img_size": None, "preprocessing": "auto"},
+    # source: folder (the benchmark folders below) | demo (tiny trees built from real photos)
+    "data": {"source": "folder", "imagenet_val": None, "imagenet_c": None, "imagenet_a": None,
+             "imagenet_r": None, "imagenet_sketch": None, "imagenet_c_resize": False, "crop_pct": None,
              "batch_size": 128, "num_workers": 8},
-    "train": {"output_dir": "output/robustness", "device": "auto", "precision": "auto"},
+    # resume: auto (skip what results.jsonl holds) | none (evaluate everything again)
+    "train": {"output_dir": "output/robustness", "device": "auto", "precision": "auto", "resume": "auto"},
 }
 DATASETS = ("imagenet_val", "imagenet_c", "imagenet_a", "imagenet_r", "imagenet_sketch")
+LABELS = {"imagenet_val": "ImageNet val", "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R",
+          "imagenet_sketch": "ImageNet-Sketch"}
+RESULTS = "results.jsonl"
 DEMO_FINETUNE = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "demo.yaml"
 
 
-def load_classifier(checkpoint: str | None, arch: str, img_size: int):
-    """A 1000-way classifier from our fine-tuning / linear-probe checkpoints, official MAE fine-tuned
-    files (``{"model"}`` with ``head``, ``fc_norm``), timm checkpoints, or a timm model name
-    (``arch`` not in our registry, no checkpoint: timm's pretrained weights)."""
-    import timm
-
-    if checkpoint is None:
-        if arch in ARCHS:
-            raise ConfigError("model.checkpoint is required (or a timm model name as model.arch)")
-        return timm.create_model(arch, pretrained=True), f"timm:{arch} (pretrained)"
-    ckpt = read_checkpoint(checkpoint)
-    sd = ckpt.student
-    if "head.weight" not in sd:
-        raise CheckpointError(f"{checkpoint} ({ckpt.source}) has no classification head: fine-tune it "
-                              "first (tools/finetune.py), or pass a classifier checkpoint")
-    if ckpt.source == "ours-classifier":
-        arch, img_size, pool = ckpt.raw["arch"], ckpt.raw["img_size"], ckpt.raw["global_pool"]
-    else:
-        pool = "avg" if "fc_norm.weight" in sd else "token"
-    num_classes = sd["head.weight"].shape[0]
-    if arch in ARCHS:
-        model = build_classifier(arch, img_size, num_classes, pool)
-    else:
-        model = timm.create_model(arch, num_classes=num_classes, global_pool=pool)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint} does not fit model {arch!r} ({pool} pooling): "
-                              f"{str(e).splitlines()[0]} ... set --model to the checkpoint's architecture") from None
-    if num_classes != 1000:
-        raise CheckpointError(f"{checkpoint} has a {num_classes}-way head; the benchmarks need the "
-                              "1000 ImageNet-1k classes")
-    return model, f"{checkpoint} ({ckpt.source}, {arch}, {pool} pooling)"
+def validate(cfg: dict, world: int = 1) -> None:
+    """Every path and folder layout, before the first image is read (and before a SLURM submission)."""
+    d, m = cfg["data"], cfg["model"]
+    given = [k for k in DATASETS if d[k]]
+    if d["source"] == "demo":
+        if given:
+            raise ConfigError(f"the demo builds its own benchmark trees and would ignore {given}: drop --demo "
+                              "(data.source=demo) to evaluate those folders")
+        return
+    if d["source"] != "folder":
+        raise ConfigError(f"data.source must be folder or demo, got {d['source']!r}")
+    if not given:
+        raise ConfigError("no benchmark folder given: pass any of --imagenet-val, --imagenet-c, --imagenet-a, "
+                          "--imagenet-r, --imagenet-sketch (or run the demo: no arguments, or --demo)")
+    if cfg["train"]["resume"] not in ("auto", "none"):
+        raise ConfigError(f"train.resume must be auto (skip the cells {RESULTS} holds) or none, "
+                          f"got {cfg['train']['resume']!r}")
+    if m["preprocessing"] not in PREPROCESSING:
+        raise ConfigError(f"model.preprocessing must be one of {PREPROCESSING}, got {m['preprocessing']!r}")
+    check_checkpoint_option("model.checkpoint", m["checkpoint"])
+    for key in ("imagenet_val", "imagenet_sketch"):
+        if d[key]:
+            check_wnid_folder(d[key], f"data.{key}")
+    for key in ("imagenet_a", "imagenet_r"):
+        if d[key]:
+            class_mask(d[key], key)
+    if d["imagenet_c"]:
+        imagenet_c_cells(d["imagenet_c"])
 
 
 def demo_inputs(cfg: dict, run) -> dict:
-    """No dataset given: tiny benchmark trees from real photos and, without a checkpoint, the
-    fine-tuning demo's classifier."""
+    """The demo: tiny benchmark trees from real photos and, without a checkpoint, the fine-tuning
+    demo's classifier."""
     from finetune.train import DEFAULTS as FT_DEFAULTS
     from finetune.train import main as finetune
 
@@ -92,58 +97,125 @@ def demo_inputs(cfg: dict, run) -> dict:
     return cfg
 
 
-def main(cfg: dict) -> dict:
-    run = start_run(cfg)
+def tasks(cfg: dict, clf: Classifier):
+    """(key, label, build the dataset, class mask) in evaluation order; building lists the images."""
+    import timm.data
+
     d = cfg["data"]
-    if not any(d[k] for k in DATASETS):
-        cfg = demo_inputs(cfg, run)
-        d = cfg["data"]
-    model, described = load_classifier(cfg["model"]["checkpoint"], cfg["model"]["arch"], cfg["model"]["img_size"])
-    model = model.to(run.device).eval()
-    size, env = cfg["model"]["img_size"], run.env
-    crop_pct = eval_crop_pct(size, d["crop_pct"])
-    log.info("model %s; precision %s on %s, %d process(es)", described, run.precision, run.device, env.world_size)
-
-    def score(dataset, label, mask=None):
-        loader = shard_loader(dataset, d["batch_size"], env.world_size, env.rank, d["num_workers"],
-                              run.device.type == "cuda")
-        t0 = time.perf_counter()
-        r = evaluate(model, loader, run.device, run.amp_dtype, class_mask=mask, progress=label)
-        r["img_per_s"] = r["n"] / max(time.perf_counter() - t0, 1e-9)
-        log.info("%s: top-1 %.2f top-5 %.2f on %d images (%d unreadable), %.1f img/s", label, r["top1"],
-                 r["top5"], r["n"], r["unreadable"], r["img_per_s"])
-        return r
-
-    results = {"model": described, "settings": {
-        "img_size": size, "crop_pct": crop_pct, "val_preprocessing": f"resize {round(size / crop_pct)} bicubic + "
-        f"centre crop {size}", "imagenet_c_preprocessing": "val pipeline" if d["imagenet_c_resize"]
-        else "as stored (224 x 224)", "precision": run.precision, "processes": env.world_size,
-        "datasets": {k: d[k] for k in DATASETS if d[k]}}}
-    clean_error = None
+    val_tf = timm.data.create_transform(**clf.data_config, is_training=False)
     if d["imagenet_val"]:
-        r = score(eval_dataset(d["imagenet_val"], "imagenet1k", size, crop_pct, "imagenet_val")[0], "ImageNet val")
-        results["imagenet_val"] = r
-        clean_error = 1 - r["top1"] / 100
+        yield "imagenet_val", LABELS["imagenet_val"], lambda: eval_set(d["imagenet_val"], val_tf, "imagenet_val"), None
     if d["imagenet_c"]:
-        errors, cells = {}, {}
+        c_tf = val_tf if d["imagenet_c_resize"] else stored_transform(clf.data_config)
         for c, by_severity in imagenet_c_cells(d["imagenet_c"]).items():
             for s, folder in sorted(by_severity.items()):
-                r = score(imagenet_c_dataset(folder, d["imagenet_c_resize"], crop_pct, size), f"ImageNet-C {c} {s}")
-                errors.setdefault(c, {})[s] = 1 - r["top1"] / 100
-                cells[f"{c}/{s}"] = r
-        results["imagenet_c"] = {**corruption_errors(errors, clean_error), "cells": cells,
-                                 "error": {c: {s: 100 * e for s, e in v.items()} for c, v in errors.items()}}
-    for key, label in (("imagenet_a", "ImageNet-A"), ("imagenet_r", "ImageNet-R")):
+                yield (f"imagenet_c/{c}/{s}", f"ImageNet-C {c} {s}",
+                       lambda folder=folder: eval_set(folder, c_tf, str(folder)), None)
+    for key in ("imagenet_a", "imagenet_r", "imagenet_sketch"):
         if d[key]:
-            mask = class_mask(d[key], key)
-            results[key] = {**score(eval_dataset(d[key], "imagenet1k", size, crop_pct, key)[0], label, mask),
-                            "classes": int(mask.sum())}
-    if d["imagenet_sketch"]:
-        results["imagenet_sketch"] = score(eval_dataset(d["imagenet_sketch"], "imagenet1k", size, crop_pct,
-                                                        "imagenet_sketch")[0], "ImageNet-Sketch")
+            mask = class_mask(d[key], key) if key != "imagenet_sketch" else None
+            yield key, LABELS[key], lambda key=key: eval_set(d[key], val_tf, key), mask
+
+
+def previous_results(path: Path, fingerprint: dict, resume: str, is_main: bool) -> dict:
+    """{key: record} of the finished datasets / cells of an earlier run of the same evaluation; the
+    main process reads them and every process gets the same answer."""
+    done, error = {}, None
+    if is_main and path.exists():
+        if resume == "none":
+            path.unlink()
+        else:
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                if record.pop("fingerprint") != fingerprint:
+                    error = (f"{path} holds results of another evaluation ({record.get('key')}: other model, "
+                             "preprocessing or ImageNet-C protocol): use another --output, or --no-resume")
+                    break
+                done[record["key"]] = record
+    done, error = all_gather_objects((done, error))[0]
+    if error:
+        raise ConfigError(error)
+    return done
+
+
+def main(cfg: dict) -> dict:
+    validate(cfg)
+    run = start_run(cfg)
+    d, env = cfg["data"], run.env
+    if d["source"] == "demo":
+        cfg = demo_inputs(cfg, run)
+    m = cfg["model"]
+    clf = load_classifier(m["checkpoint"], m["arch"], m["img_size"], m["preprocessing"], d["crop_pct"])
+    if d["imagenet_c"] and not d["imagenet_c_resize"] and clf.img_size != 224:
+        raise ConfigError(f"ImageNet-C is stored at 224 x 224 and evaluated as stored, but the model takes "
+                          f"{clf.img_size} px: pass --imagenet-c-resize to give it the val preprocessing")
+    model = clf.model.to(run.device).eval()
+    fingerprint = {"model": clf.description, "preprocessing": clf.preprocessing,
+                   "data_config": json.loads(json.dumps(clf.data_config)),
+                   "imagenet_c": "val preprocessing" if d["imagenet_c_resize"] else "as stored (224 x 224)"}
+    log.info("model %s; preprocessing: %s %s; precision %s on %s, %d process(es)", clf.description,
+             clf.preprocessing, fingerprint["data_config"], run.precision, run.device, env.world_size)
+    results_path = run.out_dir / RESULTS
+    records = previous_results(results_path, fingerprint, cfg["train"]["resume"], env.is_main)
+    if records:
+        log.info("resuming: %d datasets / cells already in %s", len(records), results_path)
+
+    for key, label, dataset, mask in tasks(cfg, clf):
+        if key in records:
+            continue
+        record = {"key": key}
+        try:
+            ds = dataset()
+        except (FileNotFoundError, ValueError) as e:  # an empty or malformed folder: reported, not fatal
+            record.update(status="empty" if isinstance(e, FileNotFoundError) else "error", error=str(e))
+            log.warning("%s: %s", label, e)
+        else:
+            loader = shard_loader(ds, d["batch_size"], env.world_size, env.rank, d["num_workers"],
+                                  run.device.type == "cuda")
+            t0 = time.perf_counter()
+            r = evaluate(model, loader, run.device, run.amp_dtype, class_mask=mask, progress=label)
+            r["img_per_s"] = r["n"] / max(time.perf_counter() - t0, 1e-9)
+            r["classes"] = int(mask.sum()) if mask is not None else len(set(ds.labels))
+            record.update(status="ok" if r["n"] else "unreadable", **r)
+            log.info("%s: top-1 %.2f top-5 %.2f on %d images of %d classes (%d unreadable), %.1f img/s", label,
+                     r["top1"], r["top5"], r["n"], r["classes"], r["unreadable"], r["img_per_s"])
+        records[key] = record
+        if env.is_main:
+            with open(results_path, "a") as f:
+                f.write(json.dumps({**record, "fingerprint": fingerprint}) + "\n")
+
+    results = assemble(records, clf, fingerprint, run, cfg)
     paths = write_outputs(results, run.out_dir) if env.is_main else {}
     barrier()
-    return {"output_dir": str(run.out_dir), **paths}
+    return {"output_dir": str(run.out_dir), "incremental": str(results_path), **paths}
+
+
+def assemble(records: dict, clf: Classifier, fingerprint: dict, run, cfg: dict) -> dict:
+    """The per-dataset records of this run and earlier ones as one result (ImageNet-C scored)."""
+    d = cfg["data"]
+    results = {"model": clf.description, "settings": {
+        **fingerprint, "crop_pct": clf.data_config["crop_pct"], "precision": run.precision,
+        "processes": run.env.world_size, "datasets": {k: d[k] for k in DATASETS if d[k]}}}
+    problems = {k: f"{r['status']}: {r.get('error', 'no readable image')}" for k, r in records.items()
+                if r["status"] != "ok"}
+    for key in ("imagenet_val", "imagenet_a", "imagenet_r", "imagenet_sketch"):
+        if key in records and key not in problems:
+            results[key] = records[key]
+    clean_error = 1 - results["imagenet_val"]["top1"] / 100 if "imagenet_val" in results else None
+    if d["imagenet_c"]:
+        cells = {k[len("imagenet_c/"):]: r for k, r in records.items()
+                 if k.startswith("imagenet_c/") and k not in problems}
+        errors = {}
+        for name, r in cells.items():
+            c, s = name.split("/")
+            errors.setdefault(c, {})[int(s)] = 1 - r["top1"] / 100
+        benchmark = [r for name, r in cells.items() if name.split("/")[0] in BENCHMARK]
+        results["imagenet_c"] = {**corruption_errors(errors, clean_error), "cells": cells,
+                                 "error": {c: {s: 100 * e for s, e in v.items()} for c, v in errors.items()},
+                                 "images": sum(r["n"] for r in benchmark),
+                                 "classes": max((r["classes"] for r in benchmark), default=0)}
+    results["problems"] = problems
+    return results
 
 
 def write_outputs(results: dict, out_dir: Path) -> dict:
@@ -154,45 +226,63 @@ def write_outputs(results: dict, out_dir: Path) -> dict:
         paths["imagenet_c_table"] = out_dir / "imagenet_c_errors.csv"
         with open(paths["imagenet_c_table"], "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["corruption", *[f"error_s{s}" for s in SEVERITIES], "mean_error", "CE", "in_mCE"])
+            w.writerow(["corruption", *[f"error_s{s}" for s in SEVERITIES], "mean_error", "CE", "in_mCE", "images"])
             for name in (*BENCHMARK, *EXTRA):
                 if name in c["error"]:
-                    e = c["error"][name]
+                    e, ce = c["error"][name], {**c["CE"], **c["extra_CE"]}.get(name)
                     w.writerow([name, *[f"{e[s]:.2f}" if s in e else "" for s in SEVERITIES],
-                                f"{sum(e.values()) / len(e):.2f}",
-                                f"{c['CE'][name]:.2f}" if name in c["CE"] else "", name in BENCHMARK])
+                                f"{sum(e.values()) / len(e):.2f}", f"{ce:.2f}" if ce is not None else "incomplete",
+                                name in BENCHMARK, sum(r["n"] for k, r in c["cells"].items() if k.split("/")[0] == name)])
         paths["plot"] = plot(c, out_dir / "imagenet_c.png")
     paths["summary"].write_text(summary_markdown(results))
     log.info("\n%s", paths["summary"].read_text())
     return {k: str(v) for k, v in paths.items()}
 
 
+# MAE ViT-B/16 as published: He et al., "Masked Autoencoders Are Scalable Vision Learners" (CVPR 2022),
+# Table 13 (robustness; IN-C is mCE) and Table 3 (ImageNet-1K fine-tuning, 224 px).
+REFERENCE_ROW = ("MAE ViT-B (He et al. 2022: IN-C/A/R/Sketch Table 13, IN val Table 3)",
+                 "51.7", "35.9", "48.3", "34.5", "83.6")
+
+
 def summary_markdown(r: dict) -> str:
     def top1(key):
         return f"{r[key]['top1']:.1f}" if key in r else "-"
 
+    def count(key, field):
+        return f"{r[key][field]:,}" if key in r else "-"
+
     c = r.get("imagenet_c")
     mce = "-" if not c else (f"{c['mCE']:.1f}" if c["mCE"] is not None else "incomplete")
+    keys = ("imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_val")
     lines = [f"# Robustness of {r['model']}", "",
              "| | IN-C mCE (lower is better) | IN-A top-1 | IN-R top-1 | IN-Sketch top-1 | IN val top-1 |",
              "|---|---|---|---|---|---|",
-             f"| this model | {mce} | {top1('imagenet_a')} | {top1('imagenet_r')} | {top1('imagenet_sketch')} "
-             f"| {top1('imagenet_val')} |",
-             "| MAE ViT-B (paper, Table 13) | 51.7 | 35.9 | 48.3 | 34.5 | 83.6 |", ""]
+             f"| this model | {mce} | " + " | ".join(top1(k) for k in keys) + " |",
+             "| images | " + " | ".join(count(k, "images" if k == "imagenet_c" else "n") for k in ("imagenet_c", *keys)) + " |",
+             "| classes | " + " | ".join(count(k, "classes") for k in ("imagenet_c", *keys)) + " |",
+             "| " + " | ".join(REFERENCE_ROW) + " |", ""]
     if c:
-        lines += [f"ImageNet-C: {c['mCE_status']}; mean error over the cells present {c['mean_error']:.2f} "
-                  f"(accuracy {c['mean_accuracy']:.2f})"
-                  + (f"; relative mCE {c['relative_mCE']:.1f} (AlexNet clean error {c['alexnet_clean_error']:.2f}, "
-                     f"{c['alexnet_clean_error_source']})" if c.get("relative_mCE") is not None else ""), "",
-                  "| corruption | " + " | ".join(f"s{s}" for s in SEVERITIES) + " | CE |",
-                  "|---" * (len(SEVERITIES) + 2) + "|"]
+        lines += [f"ImageNet-C: mCE {c['mCE_status']} (15 corruptions x 5 severities); mean error over the "
+                  f"benchmark cells present {c['mean_error']:.2f} (accuracy {c['mean_accuracy']:.2f})"
+                  if c["mean_error"] is not None else f"ImageNet-C: mCE {c['mCE_status']}"]
+        if c.get("relative_mCE") is not None:
+            lines[-1] += (f"; relative mCE {c['relative_mCE']:.1f} (AlexNet clean error {c['alexnet_clean_error']:.2f}, "
+                          f"{c['alexnet_clean_error_source']})")
+        extra = f"{c['extra_mCE']:.1f}" if c["extra_mCE"] is not None else c["extra_mCE_status"]
+        lines += [f"Extra corruptions (not in mCE, AlexNet-normalised as in hendrycks/robustness): mean CE {extra}", "",
+                  "| corruption | " + " | ".join(f"s{s}" for s in SEVERITIES) + " | CE | images |",
+                  "|---" * (len(SEVERITIES) + 3) + "|"]
         for name in (*BENCHMARK, *EXTRA):
             if name in c["error"]:
-                e = c["error"][name]
-                ce = f"{c['CE'][name]:.1f}" if name in c["CE"] else "(held out)"
-                lines.append(f"| {name} | " + " | ".join(f"{e[s]:.1f}" if s in e else "-" for s in SEVERITIES)
-                             + f" | {ce} |")
+                e, ce = c["error"][name], {**c["CE"], **c["extra_CE"]}.get(name)
+                shown = f"{ce:.1f}" if ce is not None else "incomplete"
+                n = sum(cell["n"] for k, cell in c["cells"].items() if k.split("/")[0] == name)
+                lines.append(f"| {name}{' (extra)' if name in EXTRA else ''} | "
+                             + " | ".join(f"{e[s]:.1f}" if s in e else "-" for s in SEVERITIES) + f" | {shown} | {n:,} |")
         lines.append("")
+    if r.get("problems"):
+        lines += ["Not evaluated (reported, not fatal):", ""] + [f"- {k}: {v}" for k, v in r["problems"].items()] + [""]
     lines.append(f"Settings: {json.dumps(r['settings'])}")
     return "\n".join(lines) + "\n"
 

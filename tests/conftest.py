@@ -31,3 +31,33 @@ def micro_config(out_dir, overrides=()):
 @pytest.fixture
 def micro_cfg(tmp_path):
     return lambda *overrides, out="run": micro_config(tmp_path / out, overrides)
+
+
+def make_imagenet(root: Path, per_class: int = 4, size: int = 48) -> Path:
+    """A miniature ImageNet laid out like the real one: ``root/{train,val}/<wnid>/<wnid>_<k>.JPEG``,
+    crops of scikit-image's real photos under the wnids of the classes they show."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from finetune.data import DEMO_CLASSES
+
+    rng = np.random.default_rng(0)
+    for name, wnid in DEMO_CLASSES.items():
+        photo = getattr(skimage.data, name)()
+        photo = photo[0] if isinstance(photo, tuple) else photo  # stereo_motorcycle: (left, right, disp)
+        h, w = photo.shape[:2]
+        for split in ("train", "val"):
+            (root / split / wnid).mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                side = int(min(h, w) * rng.uniform(0.5, 0.9))
+                y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+                crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BICUBIC)
+                crop.save(root / split / wnid / f"{wnid}_{k:04d}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def imagenet(tmp_path_factory):
+    """One miniature ImageNet for the whole session (read-only for tests)."""
+    return make_imagenet(tmp_path_factory.mktemp("imagenet"))

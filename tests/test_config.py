@@ -28,12 +28,12 @@ def test_overrides_are_typed():
         load_config(DEFAULTS, None, ["optim.epochs=ten"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(DEFAULTS, None, ["optim.epochs"])
-    assert DEFAULTS["optim"]["epochs"] == 800  # defaults untouched
+    assert DEFAULTS["optim"]["epochs"] == 1600  # defaults untouched
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_load(path):
-    cfg = load_config(DEFAULTS, path, ["data.path=x"])
+def test_shipped_configs_load(path, imagenet):
+    cfg = load_config(DEFAULTS, path, [] if path.stem == "demo" else [f"data.path={imagenet / 'train'}"])
     assert validate(cfg, world=1) >= 1
     if path.stem != "demo":  # the published recipe
         o = cfg["optim"]
@@ -43,22 +43,33 @@ def test_shipped_configs_load(path):
         assert cfg["rcmae"]["gamma"] == (0.0 if path.stem.startswith("mae") else 1.0)
 
 
-def test_batch_must_split_over_processes():
-    cfg = load_config(DEFAULTS, None, ["data.path=x", "train.micro_batch=64"])
+def test_batch_must_split_over_processes(imagenet):
+    cfg = load_config(DEFAULTS, None, [f"data.path={imagenet / 'train'}", "train.micro_batch=64"])
     assert validate(cfg, world=8) == 8  # 4096 = 64 x 8 processes x 8 accumulation steps
     with pytest.raises(ConfigError, match="multiple of train.micro_batch"):
         validate(cfg, world=3)
     with pytest.raises(ConfigError, match="needs data.path"):
         validate(load_config(DEFAULTS), world=1)
     with pytest.raises(ConfigError, match="export.which=student"):
-        validate(load_config(DEFAULTS, None, ["data.path=x", "rcmae.gamma=0"]), world=1)
+        validate(load_config(DEFAULTS, None, [f"data.path={imagenet / 'train'}", "rcmae.gamma=0"]), world=1)
 
 
-def test_model_size_checks():
+def test_demo_data_with_a_data_path_is_refused(imagenet, tmp_path):
+    demo = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml"
+    with pytest.raises(ConfigError, match="data.source=demo makes its own images and would ignore data.path"):
+        validate(load_config(DEFAULTS, demo, [f"data.path={imagenet / 'train'}"]), world=1)
+    with pytest.raises(FileNotFoundError, match="data.path: image folder .*nope does not exist"):
+        validate(load_config(DEFAULTS, None, [f"data.path={tmp_path / 'nope'}"]), world=1)
+    with pytest.raises(FileNotFoundError, match="train.init: checkpoint .*none.pth does not exist"):
+        validate(load_config(DEFAULTS, None, [f"data.path={imagenet / 'train'}",
+                                              f"train.init={tmp_path / 'none.pth'}"]), world=1)
+
+
+def test_model_size_checks(imagenet):
     with pytest.raises(ConfigError, match="img_size=100 is not a multiple of the patch size 16"):
-        validate(load_config(DEFAULTS, None, ["data.path=x", "model.img_size=100"]), world=1)
+        validate(load_config(DEFAULTS, None, [f"data.path={imagenet / 'train'}", "model.img_size=100"]), world=1)
     with pytest.raises(ConfigError, match="unknown model.arch 'vit_giant'"):
-        validate(load_config(DEFAULTS, None, ["data.path=x", "model.arch=vit_giant"]), world=1)
+        validate(load_config(DEFAULTS, None, [f"data.path={imagenet / 'train'}", "model.arch=vit_giant"]), world=1)
 
 
 def test_dataset_root_instead_of_train_split_is_refused(tmp_path):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from finetune import knn_tool
-from finetune.train import DEFAULTS as FT_DEFAULTS
 from pretrain.config import load_config
 from pretrain.train import main as pretrain_main
 

@@ -12,7 +12,7 @@ from finetune.evaluate import evaluate, shard_loader
 from finetune.knn import gather_in_order, knn_classify
 from finetune.models import (build_classifier, classifier_state, interpolate_pos_embed,
                              linear_probe_head, load_backbone)
-from finetune.train import DEFAULTS, build_optimizer, main
+from finetune.train import DEFAULTS, main
 from pretrain import checkpoint as ck
 from pretrain.config import load_config
 from pretrain.models import build_mae

@@ -37,15 +37,36 @@ def test_rank_layout_from_torchrun_and_slurm_variables():
     assert env_from_variables({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})[0] == DistEnv()
 
 
-def test_slurm_dry_run_prints_the_job():
+def test_slurm_dry_run_prints_the_job(imagenet):
     res = run_tool("--config-file", "configs/pretrain/rcmae_vit_base.yaml", "--slurm", "--nodes", "4",
                    "--gpus-per-node", "8", "--partition", "gpu", "--timeout", "4320", "--dry-run",
-                   "data.path=/data/imagenet/train")
+                   "--slurm-param", "exclusive=true", "--slurm-param", "reservation=big",
+                   f"data.path={imagenet / 'train'}", "train.micro_batch=64")
     assert res.returncode == 0, res.stderr
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=4320", "#SBATCH --signal=USR2@120"):
-        assert line in res.stdout
-    assert "submitit.core._submit" in res.stdout
+                 "#SBATCH --partition=gpu", "#SBATCH --time=4320", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --reservation=big"):
+        assert line in res.stdout.splitlines(), line
+    res = run_tool("--config-file", "configs/pretrain/rcmae_vit_base.yaml", "--slurm", "--mem-gb", "480",
+                   "--dry-run", f"data.path={imagenet / 'train'}")
+    assert "#SBATCH --mem=480GB" in res.stdout.splitlines(), res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["data.path=/no/such/imagenet/train"], "data.path: image folder /no/such/imagenet/train does not exist"),
+    (["--nodes", "3", "train.micro_batch=256"], "multiple of train.micro_batch"),  # 4096 over 24 GPUs
+    (["model.arch=vit_base_patch15"], "unknown model.arch"),
+    (["train.init=/no/such/mae_pretrain_vit_base.pth"], "train.init: checkpoint /no/such/mae_pretrain_vit_base.pth"),
+    (["--slurm-param", "exclusive"], "--slurm-param 'exclusive' is not KEY=VALUE"),
+])
+def test_slurm_job_is_checked_before_submission(imagenet, args, message):
+    """Everything that can be checked on the login node fails there, with the job's world size
+    (nodes x GPUs per node), before anything is submitted."""
+    opts = [a for a in args if not a.startswith("--") and "=" in a]
+    flags = [a for a in args if a not in opts]
+    res = run_tool("--slurm", "--dry-run", "--nodes", "4", *flags, f"data.path={imagenet / 'train'}", *opts)
+    assert res.returncode != 0 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "sbatch" not in res.stdout
 
 
 def test_unknown_key_on_the_command_line_is_a_clear_error():

@@ -12,6 +12,7 @@ import torch
 from finetune.data import eval_crop_pct, eval_transform
 from finetune.models import build_classifier
 from finetune.train import DEFAULTS as FT_DEFAULTS
+from finetune.train import LINPROBE_DEFAULTS
 from finetune.train import build_optimizer as build_ft_optimizer
 from pretrain.config import ConfigError, load_config
 from pretrain.engine import TrainStep, build_optimizer, mask_noise
@@ -120,10 +121,10 @@ def test_every_shipped_recipe_is_checked(kind):
     assert shipped == listed
 
 
-def test_official_layout_gives_the_official_accumulation():
+def test_official_layout_gives_the_official_accumulation(imagenet):
     """The RC-MAE configs' micro-batches reproduce the scripts' accumulation on 8 processes."""
     for name, accum in (("rcmae_vit_small", 1), ("rcmae_vit_base", 2), ("rcmae_vit_large", 2)):
-        cfg = load_config(PT_DEFAULTS, ROOT / "configs" / "pretrain" / f"{name}.yaml", ["data.path=x"])
+        cfg = load_config(PT_DEFAULTS, ROOT / "configs" / "pretrain" / f"{name}.yaml", [f"data.path={imagenet / 'train'}"])
         assert validate(cfg, world=8) == accum, name
 
 
@@ -135,7 +136,7 @@ def dino_cosine_table(base_value, final_value, epochs, niter_per_ep):
     return final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
 
 
-def test_official_momenta_index_the_official_table():
+def test_official_momenta_index_the_official_table(imagenet):
     steps_per_epoch, accum, epochs, base = 5, 2, 3, 0.99
     table = dino_cosine_table(base, 1, epochs, steps_per_epoch * accum)
     for step in range(epochs * steps_per_epoch):
@@ -150,7 +151,7 @@ def test_official_momenta_index_the_official_table():
     with pytest.raises(ValueError, match="momentum_schedule"):
         teacher_momenta("step", 0, 5, 15, 2, base)
     with pytest.raises(ConfigError, match="momentum_schedule"):
-        validate(load_config(PT_DEFAULTS, None, ["data.path=x", "rcmae.momentum_schedule=dino"]), world=8)
+        validate(load_config(PT_DEFAULTS, None, [f"data.path={imagenet / 'train'}", "rcmae.momentum_schedule=dino"]), world=8)
 
 
 def micro_rcmae():
@@ -254,3 +255,18 @@ def test_eval_crop_follows_mae():
     for size, resized in ((224, 256), (448, 448)):
         resize = eval_transform(size, None).transforms[0]
         assert resize.size in (resized, [resized]) and math.isclose(size / eval_crop_pct(size), resized)
+
+
+@pytest.mark.parametrize("defaults,config", [
+    (PT_DEFAULTS, "pretrain/rcmae_vit_base.yaml"),
+    (FT_DEFAULTS, "finetune/mae_vit_base.yaml"),
+    (LINPROBE_DEFAULTS, "linprobe/vit_base.yaml")])
+def test_tool_defaults_are_the_vit_base_recipe(defaults, config):
+    """A call without --config-file trains the published ViT-B recipe (only where the outputs go and
+    the per-process micro-batch may differ)."""
+    from pretrain.config import flatten
+
+    recipe = flatten(load_config(defaults, ROOT / "configs" / config))
+    own = flatten(load_config(defaults))
+    differ = {k for k in own if own[k] != recipe[k]}
+    assert differ <= {"train.output_dir", "train.micro_batch", "init.which"}, differ

@@ -13,10 +13,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from finetune.train import DEFAULTS, main  # noqa: E402
+from finetune.train import DEFAULTS, main, validate  # noqa: E402
 from pretrain.launcher import run_cli  # noqa: E402
 from pretrain.run import NonFiniteLossError  # noqa: E402
 
 if __name__ == "__main__":
     run_cli(sys.argv[1:], defaults=DEFAULTS, main=main, name="vit-finetune", description=__doc__,
-            demo_config=ROOT / "configs" / "finetune" / "demo.yaml", errors=(NonFiniteLossError,))
+            demo_config=ROOT / "configs" / "finetune" / "demo.yaml", errors=(NonFiniteLossError,),
+            preflight=validate)

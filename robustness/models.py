@@ -1,0 +1,122 @@
+"""The classifier under evaluation and its preprocessing, from a checkpoint of any supported origin.
+
+Origins: our fine-tuning / linear-probe checkpoints (they name their architecture and input size),
+official MAE fine-tuned files (``{"model"}`` with ``head``, ``fc_norm``: architecture and input size
+are read off the tensor shapes), and state dicts of any timm classifier (``--model`` names it: ViT,
+ResNet, ConvNeXt, ...). Preprocessing follows the weights: MAE's evaluation (ImageNet mean / std,
+bicubic, crop 224/256) for ViTs of our family, timm's data config of the model for timm names;
+``model.preprocessing`` overrides it. The choice is stated in every output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from finetune.data import eval_crop_pct
+from finetune.models import build_classifier
+from pretrain.checkpoint import CheckpointError, read_checkpoint
+from pretrain.config import ConfigError
+from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.models import ARCHS
+
+PREPROCESSING = ("auto", "mae", "timm")
+
+
+@dataclass
+class Classifier:
+    model: nn.Module
+    description: str
+    data_config: dict  # timm's keys: input_size, interpolation, mean, std, crop_pct, crop_mode
+    preprocessing: str  # where data_config comes from
+
+    @property
+    def img_size(self) -> int:
+        return self.data_config["input_size"][-1]
+
+
+def mae_data_config(img_size: int, crop_pct: float | None) -> dict:
+    """MAE's evaluation transform as a timm data config."""
+    return {"input_size": (3, img_size, img_size), "interpolation": "bicubic", "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD, "crop_pct": eval_crop_pct(img_size, crop_pct), "crop_mode": "center"}
+
+
+def vit_arch_of(sd: dict, path: str) -> tuple[str, int]:
+    """(our arch name, input size) of a ViT state dict, read off its tensor shapes."""
+    try:
+        dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path}: not a ViT state dict (no cls_token / patch_embed / blocks / pos_embed): "
+                              "pass --model with the timm model name of this checkpoint") from None
+    for name, spec in ARCHS.items():
+        if (spec["embed_dim"], spec["depth"], spec["patch_size"]) == (dim, depth, patch):
+            return name, grid * patch
+    raise CheckpointError(f"{path}: a ViT with width {dim}, depth {depth}, patch {patch} is none of ours "
+                          f"({', '.join(ARCHS)}): pass --model with its timm model name")
+
+
+def load_classifier(checkpoint: str | None, arch: str | None, img_size: int | None,
+                    preprocessing: str = "auto", crop_pct: float | None = None) -> Classifier:
+    """The 1000-way classifier of ``checkpoint`` (architecture and input size from the file where it
+    tells them; ``arch`` / ``img_size`` otherwise or to override). Without a checkpoint, ``arch`` must
+    be a timm model name and timm's pretrained weights are loaded."""
+    import timm
+
+    if preprocessing not in PREPROCESSING:
+        raise ConfigError(f"model.preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+    if checkpoint is None:
+        if arch is None or arch in ARCHS:
+            raise ConfigError("model.checkpoint (--checkpoint) is required, or a timm model name as "
+                              "model.arch (--model) for timm's pretrained weights")
+        model = timm.create_model(arch, pretrained=True)
+        return _with_preprocessing(model, f"timm:{arch} (pretrained)", "timm", preprocessing, crop_pct, None)
+    ckpt = read_checkpoint(checkpoint)
+    sd = ckpt.student
+    if ckpt.source in ("ours", "rcmae"):
+        raise CheckpointError(f"{checkpoint} is a pretraining checkpoint ({ckpt.source}): it has no classifier. "
+                              "Fine-tune it first (tools/finetune.py) and evaluate classifier_best.pth")
+    pool = "avg" if "fc_norm.weight" in sd else "token"
+    if ckpt.source == "ours-classifier":
+        arch, img_size, pool = ckpt.raw["arch"], ckpt.raw["img_size"], ckpt.raw["global_pool"]
+    elif arch is None or (arch in ARCHS and img_size is None):
+        found, size = vit_arch_of(sd, checkpoint)
+        arch, img_size = arch or found, img_size or size
+    if arch in ARCHS:
+        if "head.weight" not in sd:
+            raise CheckpointError(f"{checkpoint} ({ckpt.source}) has no classification head: fine-tune it "
+                                  "first (tools/finetune.py), or pass a classifier checkpoint")
+        model, family = build_classifier(arch, img_size, sd["head.weight"].shape[0], pool), "mae"
+    else:
+        try:
+            model = timm.create_model(arch, num_classes=1000, **({"global_pool": "avg"} if "fc_norm.weight" in sd else {}))
+        except RuntimeError as e:  # timm: unknown model name
+            raise ConfigError(f"model.arch {arch!r}: {e}") from None
+        family = "timm"
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint} ({ckpt.source}) does not fit model {arch!r}: {str(e).splitlines()[0]} "
+                              "... set --model to the checkpoint's architecture") from None
+    num_classes = getattr(model, "num_classes", 1000)
+    if num_classes != 1000:
+        raise CheckpointError(f"{checkpoint} has a {num_classes}-way head; the benchmarks need the 1000 "
+                              "ImageNet-1k classes")
+    what = f"{checkpoint} ({ckpt.source}, {arch}" + (f", {pool} pooling)" if family == "mae" else ")")
+    return _with_preprocessing(model, what, family, preprocessing, crop_pct, img_size)
+
+
+def _with_preprocessing(model: nn.Module, what: str, family: str, preprocessing: str,
+                        crop_pct: float | None, img_size: int | None) -> Classifier:
+    import timm.data
+
+    chosen = family if preprocessing == "auto" else preprocessing
+    if chosen == "mae":
+        if img_size is None:  # a timm model: its own input size
+            img_size = timm.data.resolve_data_config({}, model=model)["input_size"][-1]
+        return Classifier(model, what, mae_data_config(img_size, crop_pct),
+                          "MAE's evaluation (ImageNet mean / std, bicubic, crop 224/256 up to 224 px)")
+    config = timm.data.resolve_data_config({} if crop_pct is None else {"crop_pct": crop_pct}, model=model)
+    name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    return Classifier(model, what, config, f"timm's data config of {name}")

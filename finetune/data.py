@@ -10,8 +10,8 @@ from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms
 
-from pretrain.data import (IMAGENET_MEAN, IMAGENET_STD, SeededImages, check_folder_pair,
-                           image_folder_classes, image_folder_samples)
+from pretrain.data import (IMAGENET_MEAN, IMAGENET_STD, SeededImages, check_folder_pair, image_folder_classes,
+                           image_folder_samples, mae_eval_config)
 
 # Real photos shipped with scikit-image, named by the ImageNet-1k class they show.
 DEMO_CLASSES = {"chelsea": "n02123045",            # tabby, tabby cat
@@ -113,19 +113,10 @@ def train_transform(img_size: int, aug: dict, mode: str):
                             re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def eval_crop_pct(img_size: int, crop_pct: float | None = None) -> float:
-    """``crop_pct`` when given, else MAE's rule (``util/datasets.py build_transform``): 224/256 up
-    to 224 px, 1.0 (no crop margin) above."""
-    if crop_pct is not None:
-        return crop_pct
-    return 224 / 256 if img_size <= 224 else 1.0
-
-
 def eval_transform(img_size: int, crop_pct: float | None):
     """Resize the short side to ``img_size / crop_pct`` (256 for 224) bicubic, centre crop;
-    ``crop_pct`` None follows MAE (:func:`eval_crop_pct`)."""
-    return create_transform(img_size, is_training=False, interpolation="bicubic",
-                            crop_pct=eval_crop_pct(img_size, crop_pct), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    ``crop_pct`` None follows MAE (:func:`pretrain.data.eval_crop_pct`)."""
+    return create_transform(**mae_eval_config(img_size, crop_pct), is_training=False)
 
 
 def labelled_dataset(root: str | Path, label_space: str, transform, what: str) -> tuple[SeededImages, int]:

@@ -274,9 +274,12 @@ def main(cfg: dict) -> dict:
                               env.is_main)
                 if result["top1"] > best["top1"]:
                     best = {**result, "epoch": epoch, "step": step}
-                    if env.is_main:
-                        ckpt.atomic_save({**describe, "model": classifier_state(model), "eval": result,
-                                          "config": cfg}, out_dir / "classifier_best.pth")
+                    if env.is_main:  # MAE-style file, and a timm folder: timm.create_model("local-dir:...")
+                        weights = classifier_state(model)
+                        ckpt.atomic_save({**describe, "model": weights, "eval": result, "config": cfg},
+                                         out_dir / "classifier_best.pth")
+                        ckpt.save_timm_folder(weights, m["arch"], m["img_size"], out_dir / "classifier_best",
+                                              num_classes, m["global_pool"], cfg["data"]["crop_pct"])
             if save_now:
                 save_state(step, result)
     finally:
@@ -285,6 +288,7 @@ def main(cfg: dict) -> dict:
 
     summary = {"output_dir": str(out_dir), "step": step, "checkpoint": str(ckpt.find_last_checkpoint(out_dir) or ""),
                "best_classifier": str(out_dir / "classifier_best.pth") if best["top1"] >= 0 else "",
+               "timm_folder": str(out_dir / "classifier_best") if best["top1"] >= 0 else "",
                "metrics": str(out_dir / "metrics.jsonl"), "best": best, "eval": result}
     if env.is_main and best["top1"] >= 0:
         log.info("best top-1 %.2f (epoch %d)", best["top1"], best["epoch"])

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .models import is_encoder_key
+from .data import mae_eval_config
+from .models import ARCHS, infer_arch, is_encoder_key
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +212,32 @@ def remap_optimizer_state(opt_sd: dict, saved_names: list[str], names: list[str]
     return {"state": state, "param_groups": template["param_groups"]}
 
 
+def save_timm_folder(state_dict: dict, arch: str, img_size: int, folder: str | Path, num_classes: int = 0,
+                     global_pool: str = "token", crop_pct: float | None = None) -> Path:
+    """Write ``folder`` as timm / Hugging Face write it (``config.json`` with the true pretrained
+    config, ``model.safetensors``), so ``timm.create_model("local-dir:<folder>", pretrained=True)``
+    builds the model, loads the weights and declares the preprocessing they were trained with
+    (ImageNet mean / std, bicubic, MAE's crop), not another tag's."""
+    import timm
+
+    spec = ARCHS[arch]
+    model_args = {"img_size": img_size, "patch_size": spec["patch_size"], "embed_dim": spec["embed_dim"],
+                  "depth": spec["depth"], "num_heads": spec["num_heads"]}
+    data = mae_eval_config(img_size, crop_pct)
+    model = timm.create_model(spec["timm_name"] or "vit_base_patch16_224", pretrained=False,
+                              num_classes=num_classes, global_pool=global_pool,
+                              pretrained_cfg_overlay={**data, "num_classes": num_classes, "tag": "rcmae_toolkit"},
+                              **model_args)
+    model.load_state_dict(state_dict)  # strict: every tensor, nothing else
+    folder = Path(folder)
+    timm.models.save_for_hf(model, str(folder), model_args=model_args, safe_serialization=True)
+    return folder
+
+
 def export_encoder(path: str | Path, which: str, out: str | Path) -> Path:
-    """Save the encoder of ``which`` model as ``{"model": <timm VisionTransformer keys>, ...}``."""
+    """Save the encoder of ``which`` model as ``{"model": <timm VisionTransformer keys>, ...}`` (``out``,
+    for MAE-style loaders) and as a timm folder beside it (``out`` without its suffix; see
+    :func:`save_timm_folder`)."""
     ckpt = read_checkpoint(path)
     chosen, sd = ckpt.model(which)
     encoder = {k: v for k, v in sd.items() if is_encoder_key(k)}
@@ -220,9 +245,16 @@ def export_encoder(path: str | Path, which: str, out: str | Path) -> Path:
         raise CheckpointError(f"{path}: the {chosen} weights hold no encoder blocks")
     meta = {"source": ckpt.source, "which": chosen, "from": str(path)}
     if ckpt.source == "ours":
-        meta.update(arch=ckpt.raw.get("arch"), step=ckpt.raw.get("step"))
+        meta["step"] = ckpt.raw.get("step")
+    try:
+        arch, img_size = infer_arch(encoder, str(path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    meta.update(arch=arch, img_size=img_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": encoder, "meta": meta}, out)
-    log.info("exported the %s encoder of %s (%d tensors) to %s", chosen, path, len(encoder), out)
+    folder = save_timm_folder(encoder, arch, img_size, out.with_suffix(""))
+    log.info("exported the %s encoder of %s (%s, %d px, %d tensors) to %s and %s/", chosen, path, arch, img_size,
+             len(encoder), out, folder)
     return out

@@ -57,6 +57,22 @@ def pretrain_transform(img_size: int, min_scale: float):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def eval_crop_pct(img_size: int, crop_pct: float | None = None) -> float:
+    """``crop_pct`` when given, else MAE's rule (``util/datasets.py build_transform``): 224/256 up
+    to 224 px, 1.0 (no crop margin) above."""
+    if crop_pct is not None:
+        return crop_pct
+    return 224 / 256 if img_size <= 224 else 1.0
+
+
+def mae_eval_config(img_size: int, crop_pct: float | None = None) -> dict:
+    """MAE's evaluation preprocessing as a timm data config (``timm.data.create_transform(**it)``;
+    also what exported weights declare): bicubic resize to ``img_size / crop_pct``, centre crop,
+    ImageNet mean / std."""
+    return {"input_size": (3, img_size, img_size), "interpolation": "bicubic", "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD, "crop_pct": eval_crop_pct(img_size, crop_pct), "crop_mode": "center"}
+
+
 def image_folder_classes(root: str | Path, what: str) -> list[str]:
     """The class folders of an ImageFolder tree (``root/<class>/<image>``), after the checks that need
     no scan of the images: the folder exists, has class folders, and is not a dataset root."""

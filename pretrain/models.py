@@ -34,6 +34,20 @@ ARCHS = {
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
+def infer_arch(sd: dict, path: str) -> tuple[str, int]:
+    """(our arch name, input size) of a ViT state dict, read off its tensor shapes."""
+    try:
+        dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+    except (KeyError, ValueError):
+        raise ValueError(f"{path}: not a ViT state dict (no cls_token / patch_embed / blocks / pos_embed)") from None
+    for name, spec in ARCHS.items():
+        if (spec["embed_dim"], spec["depth"], spec["patch_size"]) == (dim, depth, patch):
+            return name, grid * patch
+    raise ValueError(f"{path}: a ViT of width {dim}, depth {depth}, patch {patch} is none of ours ({', '.join(ARCHS)})")
+
+
 def is_encoder_key(key: str) -> bool:
     return key.startswith(ENCODER_PREFIXES)
 

@@ -269,8 +269,9 @@ def main(cfg: dict) -> dict:
                "checkpoint": str(ckpt.find_last_checkpoint(out_dir) or ""),
                "metrics": str(out_dir / "metrics.jsonl"), "last": record}
     if step >= total_steps and env.is_main:
-        summary["encoder"] = str(ckpt.export_encoder(summary["checkpoint"], cfg["export"]["which"],
-                                                     out_dir / f"encoder_{cfg['export']['which']}.pth"))
+        encoder = ckpt.export_encoder(summary["checkpoint"], cfg["export"]["which"],
+                                      out_dir / f"encoder_{cfg['export']['which']}.pth")
+        summary.update(encoder=str(encoder), timm_folder=str(encoder.with_suffix("")))
     figs = sorted(out_dir.glob("reconstruction_epoch*.png"))
     summary["reconstruction"] = str(figs[-1]) if figs else ""
     barrier()

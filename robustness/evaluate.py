@@ -110,7 +110,7 @@ def tasks(cfg: dict, clf: Classifier):
         for c, by_severity in imagenet_c_cells(d["imagenet_c"]).items():
             for s, folder in sorted(by_severity.items()):
                 yield (f"imagenet_c/{c}/{s}", f"ImageNet-C {c} {s}",
-                       lambda folder=folder: eval_set(folder, c_tf, str(folder)), None)
+                       lambda folder=folder, c=c, s=s: eval_set(folder, c_tf, f"imagenet_c {c}/{s}"), None)
     for key in ("imagenet_a", "imagenet_r", "imagenet_sketch"):
         if d[key]:
             mask = class_mask(d[key], key) if key != "imagenet_sketch" else None

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from finetune.data import eval_crop_pct
 from finetune.models import build_classifier
 from pretrain.checkpoint import CheckpointError, read_checkpoint
 from pretrain.config import ConfigError
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.models import ARCHS
+from pretrain.data import mae_eval_config
+from pretrain.models import ARCHS, infer_arch
 
 PREPROCESSING = ("auto", "mae", "timm")
 
@@ -33,28 +32,6 @@ class Classifier:
     @property
     def img_size(self) -> int:
         return self.data_config["input_size"][-1]
-
-
-def mae_data_config(img_size: int, crop_pct: float | None) -> dict:
-    """MAE's evaluation transform as a timm data config."""
-    return {"input_size": (3, img_size, img_size), "interpolation": "bicubic", "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD, "crop_pct": eval_crop_pct(img_size, crop_pct), "crop_mode": "center"}
-
-
-def vit_arch_of(sd: dict, path: str) -> tuple[str, int]:
-    """(our arch name, input size) of a ViT state dict, read off its tensor shapes."""
-    try:
-        dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
-    except (KeyError, ValueError):
-        raise CheckpointError(f"{path}: not a ViT state dict (no cls_token / patch_embed / blocks / pos_embed): "
-                              "pass --model with the timm model name of this checkpoint") from None
-    for name, spec in ARCHS.items():
-        if (spec["embed_dim"], spec["depth"], spec["patch_size"]) == (dim, depth, patch):
-            return name, grid * patch
-    raise CheckpointError(f"{path}: a ViT with width {dim}, depth {depth}, patch {patch} is none of ours "
-                          f"({', '.join(ARCHS)}): pass --model with its timm model name")
 
 
 def load_classifier(checkpoint: str | None, arch: str | None, img_size: int | None,
@@ -81,7 +58,10 @@ def load_classifier(checkpoint: str | None, arch: str | None, img_size: int | No
     if ckpt.source == "ours-classifier":
         arch, img_size, pool = ckpt.raw["arch"], ckpt.raw["img_size"], ckpt.raw["global_pool"]
     elif arch is None or (arch in ARCHS and img_size is None):
-        found, size = vit_arch_of(sd, checkpoint)
+        try:
+            found, size = infer_arch(sd, checkpoint)
+        except ValueError as e:
+            raise CheckpointError(f"{e}: pass --model with the timm model name of this checkpoint") from None
         arch, img_size = arch or found, img_size or size
     if arch in ARCHS:
         if "head.weight" not in sd:
@@ -115,7 +95,7 @@ def _with_preprocessing(model: nn.Module, what: str, family: str, preprocessing:
     if chosen == "mae":
         if img_size is None:  # a timm model: its own input size
             img_size = timm.data.resolve_data_config({}, model=model)["input_size"][-1]
-        return Classifier(model, what, mae_data_config(img_size, crop_pct),
+        return Classifier(model, what, mae_eval_config(img_size, crop_pct),
                           "MAE's evaluation (ImageNet mean / std, bicubic, crop 224/256 up to 224 px)")
     config = timm.data.resolve_data_config({} if crop_pct is None else {"crop_pct": crop_pct}, model=model)
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__

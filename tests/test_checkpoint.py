@@ -2,6 +2,7 @@ import argparse
 
 import pytest
 import timm
+import timm.data
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -123,12 +124,29 @@ def test_exported_encoder_loads_into_timm_and_matches(tmp_path):
     assert torch.all(torch.load(tmp_path / "enc_t.pth", weights_only=True)["model"]["cls_token"] == 0)
 
 
-def test_timm_create_model_by_name_loads_export(tmp_path):
+@pytest.mark.parametrize("origin", ["ours", "mae", "rcmae"])
+def test_export_is_a_timm_folder_with_the_right_preprocessing(tmp_path, origin):
+    """timm.create_model("local-dir:...", pretrained=True) rebuilds the encoder with our weights and the
+    preprocessing they were trained with (not vit_*_224's default tag: mean / std 0.5, crop 0.9)."""
     torch.manual_seed(0)
     model = build_mae("vit_tiny_patch16", 224, 32, 1, 2)
-    torch.save({"model": model.state_dict()}, tmp_path / "mae_full.pth")
-    out = ck.export_encoder(tmp_path / "mae_full.pth", "auto", tmp_path / "enc.pth")
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, pretrained=True,
-                            pretrained_cfg_overlay=dict(file=str(out)))
-    torch.testing.assert_close(vit.blocks[3].attn.qkv.weight, model.blocks[3].attn.qkv.weight)
-    torch.testing.assert_close(vit.pos_embed, model.pos_embed)
+    sd = model.state_dict()
+    if origin == "ours":
+        state = {"format": ck.FORMAT, "arch": "vit_tiny_patch16", "step": 5, "student": sd, "teacher": sd}
+    elif origin == "mae":
+        state = {"model": sd}
+    else:
+        state = {"student": {f"module.{k}": v for k, v in sd.items()}, "teacher": sd}
+    torch.save(state, tmp_path / "src.pth")
+    out = ck.export_encoder(tmp_path / "src.pth", "auto", tmp_path / "enc.pth")
+    assert torch.load(out, weights_only=True)["meta"]["arch"] == "vit_tiny_patch16"
+    vit = timm.create_model(f"local-dir:{tmp_path / 'enc'}", pretrained=True)
+    data = timm.data.resolve_data_config({}, model=vit)
+    assert (tuple(data["mean"]), tuple(data["std"])) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert data["crop_pct"] == 0.875 and data["interpolation"] == "bicubic" and data["input_size"] == (3, 224, 224)
+    assert vit.num_classes == 0
+    imgs = torch.randn(1, 3, 224, 224)
+    ids_keep, _, _ = random_masking_ids(torch.arange(196.0).expand(1, -1), 0.0)
+    torch.testing.assert_close(vit.forward_features(imgs), model.forward_encoder(imgs, ids_keep))
+
+

@@ -3,6 +3,7 @@ import socket
 
 import pytest
 import timm
+import timm.data
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
@@ -187,6 +188,11 @@ def test_finetune_resume_is_exact(tmp_path):
     best = torch.load(tmp_path / "straight" / "classifier_best.pth", weights_only=True)
     vit = build_classifier("vit_micro_patch8", 32, 2, "avg")
     vit.load_state_dict(best["model"])  # strict
+    folder = timm.create_model(f"local-dir:{tmp_path / 'straight' / 'classifier_best'}", pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(folder.eval()(x), vit.eval()(x))
+    data = timm.data.resolve_data_config({}, model=folder)
+    assert tuple(data["mean"]) == (0.485, 0.456, 0.406) and data["crop_pct"] == 0.875
 
 
 def test_linear_probe_keeps_the_backbone_frozen(tmp_path):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.data import eval_crop_pct, eval_transform
+from finetune.data import eval_transform
+from pretrain.data import eval_crop_pct
 from finetune.models import build_classifier
 from finetune.train import DEFAULTS as FT_DEFAULTS
 from finetune.train import LINPROBE_DEFAULTS

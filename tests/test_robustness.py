@@ -17,7 +17,7 @@ from pretrain.models import build_mae
 from robustness.data import class_mask
 from robustness.evaluate import DEFAULTS, main
 from robustness.models import load_classifier
-from robustness.metrics import ALEXNET_CLEAN_ERR, ALEXNET_ERR, SEVERITIES, corruption_errors
+from robustness.metrics import ALEXNET_CLEAN_ERR, ALEXNET_ERR, ALEXNET_ERR_EXTRA, SEVERITIES, corruption_errors
 
 from conftest import ROOT
 
@@ -47,6 +47,12 @@ def test_ce_and_mce_by_hand():
     assert out["relative_CE"]["fog"] == pytest.approx(100 * (1.5 - 5 * 0.2) / (5 * (0.819324 - ALEXNET_CLEAN_ERR)))
     assert out["extra_mean_error"] == {"saturate": pytest.approx(90.0)}
     assert "saturate" not in out["CE"]
+    # the extras get their CE against AlexNet's published errors (hendrycks/robustness), apart from mCE
+    assert out["extra_CE"] == {"saturate": pytest.approx(100 * 0.9 / 0.658248)}
+    assert out["extra_mCE"] is None and out["extra_mCE_status"] == (
+        "incomplete: missing speckle_noise, gaussian_blur, spatter")
+    extras = {c: {s: e for s in SEVERITIES} for c, e in ALEXNET_ERR_EXTRA.items()}
+    assert corruption_errors({**errors, **extras})["extra_mCE"] == pytest.approx(100.0)
 
 
 def test_incomplete_imagenet_c_is_reported_not_averaged():

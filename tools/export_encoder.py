@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Export the encoder of a pretraining checkpoint (ours, official MAE or official RC-MAE) in timm's
-VisionTransformer key names, as ``{"model": state_dict, "meta": {...}}``.
+VisionTransformer key names: ``OUTPUT`` as ``{"model": state_dict, "meta": {...}}`` (MAE-style loaders)
+and the folder ``OUTPUT`` without its suffix as timm writes it (config.json + model.safetensors).
 
   python tools/export_encoder.py output/pretrain/checkpoint_00000100.pth encoder.pth [--which student]
-  # then: timm.create_model("vit_base_patch16_224", num_classes=0, pretrained=True,
-  #                         pretrained_cfg_overlay=dict(file="encoder.pth"))
+  # then: timm.create_model("local-dir:encoder", pretrained=True)   # right mean / std / crop included
 """
 from __future__ import annotations
 

@@ -1,0 +1,157 @@
+"""tools/eval_robustness.py as the README runs it, on miniature benchmark trees laid out like the real
+ones (ImageNet val and Sketch: <wnid>/; ImageNet-C: <corruption>/<severity>/<wnid>/, 224 x 224 JPEGs;
+ImageNet-A: <wnid>/ of its 200 classes), with classifiers of every advertised origin."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import timm.data
+import torch
+from PIL import Image
+
+from finetune.data import imagenet_wnids
+from finetune.models import build_classifier
+from pretrain import checkpoint as ck
+from pretrain.config import ConfigError, load_config
+from robustness.evaluate import DEFAULTS, RESULTS, main
+
+from conftest import ROOT
+
+IN_A = ["n01498041", "n02123394"]  # stingray, Persian cat: ImageNet-A classes
+
+
+@pytest.fixture(scope="module")
+def benchmarks(tmp_path_factory, imagenet):
+    """val (the miniature ImageNet's), -C (2 corruptions x 2 severities of the val images at 224 x 224,
+    as stored by the benchmark, plus one empty cell), -A, -Sketch."""
+    root = tmp_path_factory.mktemp("benchmarks")
+    shutil.copytree(imagenet / "val", root / "val")
+    for corruption in ("fog", "saturate"):
+        for severity in (1, 2):
+            for src in sorted((imagenet / "val").glob("*/*.JPEG"))[::2]:
+                dst = root / "c" / corruption / str(severity) / src.parent.name / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                Image.open(src).resize((224, 224)).save(dst, quality=85)
+    (root / "c" / "snow" / "3" / "n02123045").mkdir(parents=True)  # an empty cell
+    for w in IN_A:
+        (root / "a" / w).mkdir(parents=True)
+        for src in sorted((imagenet / "val").glob("*/*.JPEG"))[:2]:
+            shutil.copy(src, root / "a" / w / src.name)
+    shutil.copytree(imagenet / "val", root / "sketch")
+    return root
+
+
+def ours_classifier(path, img_size=32):
+    torch.manual_seed(0)
+    model = build_classifier("vit_micro_patch8", img_size, 1000, "avg").eval()
+    torch.save({"format": ck.CLASSIFIER_FORMAT, "model": model.state_dict(), "arch": "vit_micro_patch8",
+                "img_size": img_size, "global_pool": "avg", "num_classes": 1000}, path)
+    return path
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "eval_robustness.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def cfg(out, *overrides):
+    return load_config(DEFAULTS, None, [f"train.output_dir={out}", "train.device=cpu", "data.num_workers=0",
+                                        "data.batch_size=4", *overrides])
+
+
+def test_readme_command_takes_the_model_from_the_checkpoint(tmp_path, benchmarks):
+    """The README's shape: no --model, no size; ImageNet-C is evaluated as stored unless asked, so a
+    32-px classifier is refused before any image with the flag that fixes it."""
+    ckpt = ours_classifier(tmp_path / "classifier_best.pth")
+    args = ["--checkpoint", ckpt, "--imagenet-val", benchmarks / "val", "--imagenet-c", benchmarks / "c",
+            "--imagenet-a", benchmarks / "a", "--imagenet-sketch", benchmarks / "sketch", "--workers", "0",
+            "--output", tmp_path / "out"]
+    res = run_tool(*args)
+    assert res.returncode != 0 and "pass --imagenet-c-resize" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out" / RESULTS).exists()
+    res = run_tool(*args, "--imagenet-c-resize")
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((tmp_path / "out" / "robustness.json").read_text())
+    assert "vit_micro_patch8" in r["model"] and r["settings"]["data_config"]["input_size"] == [3, 32, 32]
+    assert r["settings"]["imagenet_c"] == "val preprocessing"
+    assert r["imagenet_val"]["n"] == 16 and r["imagenet_val"]["classes"] == 4
+    assert r["imagenet_a"]["n"] == 4 and r["imagenet_a"]["classes"] == 2
+    assert r["problems"] == {"imagenet_c/snow/3": r["problems"]["imagenet_c/snow/3"]}
+    assert r["problems"]["imagenet_c/snow/3"].startswith("empty")
+    c = r["imagenet_c"]
+    # the mCE column rests on the benchmark corruptions only: fog, 2 cells x 8 images (saturate is extra)
+    assert c["images"] == 2 * 8 and c["mCE"] is None and c["extra_mCE"] is None
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "imagenet_c/snow/3: empty" in summary and "| fog | " in summary and "incomplete" in summary
+    assert "| images | 16 | 4 | - | 16 | 16 |" in summary and "| classes | 4 | 2 | - | 4 | 4 |" in summary
+    assert "Table 13" in summary and "(extra)" in summary
+
+
+def test_paths_and_layouts_are_checked_before_the_first_image(tmp_path, benchmarks):
+    ckpt = ours_classifier(tmp_path / "c.pth")
+    res = run_tool("--checkpoint", ckpt, "--imagenet-val", benchmarks / "val", "--imagenet-c", benchmarks / "c",
+                   "--imagenet-a", benchmarks / "a", "--imagenet-r", benchmarks / "a",  # A is not R
+                   "--imagenet-sketch", benchmarks / "sketch", "--imagenet-c-resize", "--output", tmp_path / "o1")
+    assert res.returncode != 0 and "not imagenet-r classes" in res.stderr
+    res = run_tool("--checkpoint", ckpt, "--imagenet-val", benchmarks / "val", "--imagenet-c", benchmarks / "c",
+                   "--imagenet-sketch", benchmarks / "sketchh", "--imagenet-c-resize", "--output", tmp_path / "o2")
+    assert res.returncode != 0 and f"data.imagenet_sketch: image folder {benchmarks / 'sketchh'} does not exist" \
+        in res.stderr and "Traceback" not in res.stderr
+    for out in ("o1", "o2"):
+        assert not (tmp_path / out / RESULTS).exists()  # nothing was evaluated
+    res = run_tool("--checkpoint", ckpt, "--imagenet-val", benchmarks / "val", "--demo")
+    assert res.returncode != 0 and "the demo builds its own benchmark trees" in res.stderr
+
+
+def test_a_rerun_skips_what_is_done(tmp_path, benchmarks, caplog):
+    ckpt = ours_classifier(tmp_path / "c.pth", img_size=224)
+    out = tmp_path / "out"
+    first = main(cfg(out, f"model.checkpoint={ckpt}", f"data.imagenet_c={benchmarks / 'c'}"))
+    lines = (out / RESULTS).read_text().splitlines()
+    # in benchmark order (snow before fog), then the extras: 4 cells + the empty one
+    assert [json.loads(x)["key"] for x in lines] == ["imagenet_c/snow/3", "imagenet_c/fog/1", "imagenet_c/fog/2",
+                                                    "imagenet_c/saturate/1", "imagenet_c/saturate/2"]
+    result = (out / "robustness.json").read_text()
+    # an interrupted run: the last two cells never finished
+    (out / RESULTS).write_text("\n".join(lines[:-2]) + "\n")
+    main(cfg(out, f"model.checkpoint={ckpt}", f"data.imagenet_c={benchmarks / 'c'}"))
+    again = (out / RESULTS).read_text().splitlines()
+    assert again[:-2] == lines[:-2] and len(again) == 5  # only the two missing cells were evaluated
+    def scores(text):  # the timing of a cell is not a result
+        c = json.loads(text)["imagenet_c"]
+        return {**c, "cells": {k: {f: v for f, v in cell.items() if f != "img_per_s"} for k, cell in c["cells"].items()}}
+
+    assert scores((out / "robustness.json").read_text()) == scores(result)
+    with pytest.raises(ConfigError, match="holds results of another evaluation"):
+        main(cfg(out, f"model.checkpoint={ckpt}", f"data.imagenet_c={benchmarks / 'c'}", "model.preprocessing=timm"))
+    main(cfg(out, f"model.checkpoint={ckpt}", f"data.imagenet_c={benchmarks / 'c'}", "train.resume=none"))
+    assert len((out / RESULTS).read_text().splitlines()) == 5
+    assert first["output_dir"] == str(out)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_any_timm_classifier_with_its_own_preprocessing(tmp_path, benchmarks, name):
+    """A timm state dict by model name, with timm's data config of that model; its top-1 equals a direct
+    forward pass over the same images (ImageNet-C as stored: normalisation only)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=1000).eval()
+    torch.save(model.state_dict(), tmp_path / f"{name}.pth")
+    main(cfg(tmp_path / "out", f"model.checkpoint={tmp_path / f'{name}.pth'}", f"model.arch={name}",
+             f"data.imagenet_c={benchmarks / 'c'}"))
+    r = json.loads((tmp_path / "out" / "robustness.json").read_text())
+    data = timm.data.resolve_data_config({}, model=model)
+    assert r["settings"]["preprocessing"] == f"timm's data config of {name}"
+    assert r["settings"]["data_config"]["mean"] == list(data["mean"])
+    mean, std = torch.tensor(data["mean"])[:, None, None], torch.tensor(data["std"])[:, None, None]
+    index = {w: i for i, w in enumerate(imagenet_wnids())}
+    correct = 0
+    with torch.no_grad():
+        for path in sorted((benchmarks / "c" / "fog" / "1").glob("*/*.JPEG")):
+            x = (torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1) / 255 - mean) / std
+            correct += int(model(x[None]).argmax(1).item() == index[path.parent.name])
+    assert r["imagenet_c"]["cells"]["fog/1"]["correct1"] == correct
+    assert r["imagenet_c"]["cells"]["fog/1"]["n"] == 8

@@ -23,7 +23,7 @@ def run_tool(name, *args):
 
 @pytest.mark.slow
 def test_finetune_linprobe_knn_demos(tmp_path):
-    res = run_tool("finetune.py", f"train.output_dir={tmp_path / 'ft'}", "optim.epochs=6",
+    res = run_tool("finetune.py", "--demo", f"train.output_dir={tmp_path / 'ft'}", "optim.epochs=6",
                    "eval.every_epochs=3")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "best_classifier" in res.stdout and (tmp_path / "ft" / "classifier_best.pth").is_file()
@@ -33,12 +33,12 @@ def test_finetune_linprobe_knn_demos(tmp_path):
              if "eval_top1" in x]
     assert [e["epoch"] for e in evals] == [3, 6] and all(e["eval_n"] == 32 for e in evals)
 
-    res = run_tool("linprobe.py", f"train.output_dir={tmp_path / 'lp'}", "optim.epochs=3")
+    res = run_tool("linprobe.py", "--demo", f"train.output_dir={tmp_path / 'lp'}", "optim.epochs=3")
     assert res.returncode == 0, res.stderr[-3000:]
     saved = torch.load(tmp_path / "lp" / "classifier_best.pth", weights_only=True)
     assert saved["mode"] == "linprobe" and saved["model"]["head.weight"].shape == (1000, 128)
 
-    res = run_tool("knn.py", f"train.output_dir={tmp_path / 'knn'}")
+    res = run_tool("knn.py", "--demo", f"train.output_dir={tmp_path / 'knn'}")
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "knn" / "knn.json").read_text())
     assert result["knn_n"] == 32 and 0 <= result["knn_top1"] <= 100

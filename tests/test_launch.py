@@ -120,7 +120,7 @@ def launcher_args(argv):
 
 @pytest.mark.slow
 def test_demo_cli_end_to_end_and_export(tmp_path):
-    res = run_tool("optim.epochs=4", f"train.output_dir={tmp_path / 'demo'}", "log.recon_every_epochs=2")
+    res = run_tool("--demo", "optim.epochs=4", f"train.output_dir={tmp_path / 'demo'}", "log.recon_every_epochs=2")
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "demo"
     for name in ("checkpoint_00000032.pth", "encoder_teacher.pth", "metrics.jsonl", "config.yaml",

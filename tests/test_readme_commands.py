@@ -1,0 +1,143 @@
+"""The README's commands as written, only shrunk by overrides, on a miniature ImageNet laid out like the
+real one (train/ and val/ of wnid folders of JPEGs), with checkpoints of every advertised origin, and the
+multi-process lines under torchrun with 2 gloo processes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+import yaml
+
+from pretrain.checkpoint import find_last_checkpoint, read_checkpoint
+
+from conftest import ROOT
+
+# model and schedule shrunk; everything else is the recipe the command names
+TINY_PRETRAIN = ["model.arch=vit_micro_patch8", "model.img_size=32", "model.decoder_dim=32", "model.decoder_depth=1",
+                 "model.decoder_heads=2", "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=1",
+                 "train.micro_batch=4", "data.num_workers=0", "log.recon_every_epochs=0", "train.device=cpu"]
+TINY_DOWNSTREAM = ["model.arch=vit_micro_patch8", "model.img_size=32", "optim.batch_size=8", "optim.epochs=1",
+                   "optim.warmup_epochs=0", "train.micro_batch=4", "data.num_workers=0", "train.device=cpu",
+                   "eval.batch_size=8"]
+
+
+def run(*args, torchrun=False, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(29500 + os.getpid() % 1000)] if torchrun else [sys.executable]
+    res = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                         cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, imagenet):
+    """``python tools/pretrain.py data.path=/data/imagenet/train``: no config file, so the default recipe
+    (RC-MAE ViT-B/16, shrunk here), on the folder given, never the demo."""
+    out = tmp_path_factory.mktemp("pretrain")
+    run("tools/pretrain.py", f"data.path={imagenet / 'train'}", f"train.output_dir={out}", *TINY_PRETRAIN)
+    return out
+
+
+def test_pretrain_without_config_file_trains_the_recipe_on_the_given_folder(pretrained, imagenet):
+    cfg = yaml.safe_load((pretrained / "config.yaml").read_text())
+    assert cfg["data"]["source"] == "folder" and cfg["data"]["path"] == str(imagenet / "train")
+    assert cfg["optim"]["base_lr"] == 1.5e-4 and cfg["rcmae"]["gamma"] == 1.0  # the recipe, not the demo's
+    ckpt = read_checkpoint(find_last_checkpoint(pretrained))
+    assert ckpt.raw["step"] == 2 * 16 // 8  # 16 training images, batch 8, 2 epochs
+    enc = timm.create_model(f"local-dir:{pretrained / 'encoder_teacher'}", pretrained=True)
+    torch.testing.assert_close(enc.blocks[0].attn.qkv.weight, ckpt.teacher["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.slow
+def test_torchrun_pretraining_with_the_base_config(tmp_path, imagenet):
+    """``torchrun --nproc-per-node 8 tools/pretrain.py --config-file configs/pretrain/rcmae_vit_base.yaml
+    data.path=... train.output_dir=...`` with 2 processes equals 1 process (same effective batch)."""
+    common = ["--config-file", "configs/pretrain/rcmae_vit_base.yaml", f"data.path={imagenet / 'train'}", *TINY_PRETRAIN]
+    run("tools/pretrain.py", *common, f"train.output_dir={tmp_path / 'two'}", torchrun=True)
+    run("tools/pretrain.py", *common, f"train.output_dir={tmp_path / 'one'}")
+    two, one = (read_checkpoint(find_last_checkpoint(tmp_path / d)) for d in ("two", "one"))
+    for k, v in one.teacher.items():
+        torch.testing.assert_close(two.teacher[k], v, rtol=0, atol=1e-5, msg=k)
+
+
+def official_files(pretrained, tmp_path):
+    """The same weights as an official MAE file ({"model"}), an official RC-MAE file (module. prefixes)
+    and a timm state dict (the exported encoder), next to ours."""
+    ckpt = read_checkpoint(find_last_checkpoint(pretrained))
+    torch.save({"model": ckpt.teacher, "epoch": 1}, tmp_path / "mae_pretrain_vit.pth")
+    torch.save({"student": {f"module.{k}": v for k, v in ckpt.student.items()},
+                "teacher": ckpt.teacher, "epoch": 1}, tmp_path / "rcmae_official.pth")
+    encoder = torch.load(pretrained / "encoder_teacher.pth", weights_only=True)["model"]
+    torch.save(encoder, tmp_path / "timm_vit.pth")
+    return {"ours": find_last_checkpoint(pretrained), "mae": tmp_path / "mae_pretrain_vit.pth",
+            "rcmae": tmp_path / "rcmae_official.pth", "timm": tmp_path / "timm_vit.pth"}
+
+
+@pytest.mark.slow
+def test_finetune_from_every_checkpoint_origin(tmp_path, pretrained, imagenet):
+    """``python tools/finetune.py --config-file configs/finetune/rcmae_vit_base.yaml init.checkpoint=...
+    data.train_path=... data.val_path=...`` from ours, MAE's, RC-MAE's and timm's files: the same teacher
+    weights give the same fine-tuned classifier."""
+    heads = {}
+    for origin, path in official_files(pretrained, tmp_path).items():
+        out = tmp_path / f"ft_{origin}"
+        run("tools/finetune.py", "--config-file", "configs/finetune/rcmae_vit_base.yaml", f"init.checkpoint={path}",
+            f"data.train_path={imagenet / 'train'}", f"data.val_path={imagenet / 'val'}", f"train.output_dir={out}",
+            *TINY_DOWNSTREAM, *(["init.which=auto"] if origin in ("mae", "timm") else []))
+        best = torch.load(out / "classifier_best.pth", weights_only=True)
+        assert best["eval"]["n"] == 16 and best["num_classes"] == 4
+        heads[origin] = best["model"]["head.weight"]
+    for origin, head in heads.items():
+        torch.testing.assert_close(head, heads["ours"], msg=origin)
+
+
+@pytest.mark.slow
+def test_linprobe_and_knn_under_torchrun(tmp_path, pretrained, imagenet):
+    """``torchrun --nproc-per-node 8 tools/linprobe.py --config-file configs/linprobe/vit_base.yaml ...`` and
+    ``torchrun ... tools/knn.py init.checkpoint=... data.train_path=... data.val_path=...`` with 2 processes."""
+    ckpt = find_last_checkpoint(pretrained)
+    data = [f"data.train_path={imagenet / 'train'}", f"data.val_path={imagenet / 'val'}"]
+    run("tools/linprobe.py", "--config-file", "configs/linprobe/vit_base.yaml", f"init.checkpoint={ckpt}", *data,
+        f"train.output_dir={tmp_path / 'lp'}", *TINY_DOWNSTREAM, torchrun=True)
+    best = torch.load(tmp_path / "lp" / "classifier_best.pth", weights_only=True)
+    assert best["mode"] == "linprobe" and best["eval"]["n"] == 16
+    knn = ["model.arch=vit_micro_patch8", "model.img_size=32", "data.num_workers=0", "train.device=cpu"]
+    run("tools/knn.py", f"init.checkpoint={ckpt}", *data, f"train.output_dir={tmp_path / 'knn2'}", *knn, torchrun=True)
+    run("tools/knn.py", f"init.checkpoint={ckpt}", *data, f"train.output_dir={tmp_path / 'knn1'}", *knn)
+    two, one = (json.loads((tmp_path / d / "knn.json").read_text()) for d in ("knn2", "knn1"))
+    assert two["knn_n"] == one["knn_n"] == 16 and two["knn_top1"] == one["knn_top1"]
+
+
+def test_export_commands(tmp_path, pretrained):
+    """``python tools/export_encoder.py CKPT encoder.pth`` and, for an official MAE file, ``--which student``."""
+    files = official_files(pretrained, tmp_path)
+    run("tools/export_encoder.py", files["ours"], tmp_path / "encoder.pth")
+    run("tools/export_encoder.py", files["mae"], tmp_path / "mae_encoder.pth", "--which", "student")
+    ours, mae = (timm.create_model(f"local-dir:{tmp_path / n}", pretrained=True) for n in ("encoder", "mae_encoder"))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours.forward_features(x), mae.forward_features(x))  # the teacher, both ways
+
+
+@pytest.mark.slow
+def test_robustness_under_torchrun(tmp_path, imagenet):
+    """``torchrun --nproc-per-node 8 tools/eval_robustness.py --checkpoint ... --imagenet-val ...`` with 2
+    processes counts every image once, as 1 process does."""
+    from finetune.models import build_classifier
+    from pretrain import checkpoint as ck
+
+    model = build_classifier("vit_micro_patch8", 32, 1000, "avg")
+    torch.save({"format": ck.CLASSIFIER_FORMAT, "model": model.state_dict(), "arch": "vit_micro_patch8",
+                "img_size": 32, "global_pool": "avg", "num_classes": 1000}, tmp_path / "clf.pth")
+    args = ["tools/eval_robustness.py", "--checkpoint", tmp_path / "clf.pth", "--imagenet-val", imagenet / "val",
+            "--imagenet-sketch", imagenet / "train", "--workers", "0", "train.device=cpu"]
+    run(*args, "--output", tmp_path / "two", torchrun=True)
+    run(*args, "--output", tmp_path / "one")
+    two, one = (json.loads((tmp_path / d / "robustness.json").read_text()) for d in ("two", "one"))
+    for key in ("imagenet_val", "imagenet_sketch"):
+        assert two[key]["n"] == one[key]["n"] and two[key]["correct1"] == one[key]["correct1"]
+    assert two["settings"]["processes"] == 2

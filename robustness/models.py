@@ -4,8 +4,9 @@ Origins: our fine-tuning / linear-probe checkpoints (they name their architectur
 official MAE fine-tuned files (``{"model"}`` with ``head``, ``fc_norm``: architecture and input size
 are read off the tensor shapes), and state dicts of any timm classifier (``--model`` names it: ViT,
 ResNet, ConvNeXt, ...). Preprocessing follows the weights: MAE's evaluation (ImageNet mean / std,
-bicubic, crop 224/256) for ViTs of our family, timm's data config of the model for timm names;
-``model.preprocessing`` overrides it. The choice is stated in every output.
+bicubic, crop 224/256) for ours and MAE's files, whatever model class reads them; timm's data config
+of the model for a timm state dict read by a timm model name; ``model.preprocessing`` overrides it.
+The choice is stated in every output.
 """
 from __future__ import annotations
 
@@ -84,14 +85,15 @@ def load_classifier(checkpoint: str | None, arch: str | None, img_size: int | No
         raise CheckpointError(f"{checkpoint} has a {num_classes}-way head; the benchmarks need the 1000 "
                               "ImageNet-1k classes")
     what = f"{checkpoint} ({ckpt.source}, {arch}" + (f", {pool} pooling)" if family == "mae" else ")")
-    return _with_preprocessing(model, what, family, preprocessing, crop_pct, img_size)
+    trained_as = "timm" if family == "timm" and ckpt.source == "timm" else "mae"  # MAE / our weights
+    return _with_preprocessing(model, what, trained_as, preprocessing, crop_pct, img_size)
 
 
-def _with_preprocessing(model: nn.Module, what: str, family: str, preprocessing: str,
+def _with_preprocessing(model: nn.Module, what: str, trained_as: str, preprocessing: str,
                         crop_pct: float | None, img_size: int | None) -> Classifier:
     import timm.data
 
-    chosen = family if preprocessing == "auto" else preprocessing
+    chosen = trained_as if preprocessing == "auto" else preprocessing
     if chosen == "mae":
         if img_size is None:  # a timm model: its own input size
             img_size = timm.data.resolve_data_config({}, model=model)["input_size"][-1]

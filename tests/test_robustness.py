@@ -120,6 +120,19 @@ def test_mae_checkpoint_tells_its_architecture_and_size(tmp_path):
     torch.testing.assert_close(clf.model.eval()(x), ref(x))
 
 
+def test_mae_weights_keep_maes_preprocessing_under_a_timm_name(tmp_path):
+    """An MAE fine-tuned file read by timm's model name is still evaluated with MAE's preprocessing (not
+    vit_tiny_patch16_224's default tag: mean / std 0.5, crop 0.9); a timm state dict gets timm's."""
+    torch.manual_seed(0)
+    model = build_classifier("vit_tiny_patch16", 224, 1000, "avg")
+    torch.save({"model": model.state_dict()}, tmp_path / "mae_finetuned.pth")
+    clf = load_classifier(str(tmp_path / "mae_finetuned.pth"), "vit_tiny_patch16_224", None)
+    assert clf.data_config["mean"] == (0.485, 0.456, 0.406) and clf.data_config["crop_pct"] == 0.875
+    torch.save(model.state_dict(), tmp_path / "timm.pth")
+    clf = load_classifier(str(tmp_path / "timm.pth"), "vit_tiny_patch16_224", None)
+    assert tuple(clf.data_config["mean"]) == (0.5, 0.5, 0.5) and clf.preprocessing.startswith("timm's data config")
+
+
 def test_reader_rejects_non_classifiers(tmp_path):
     torch.save({"format": ck.FORMAT, "student": build_mae("vit_micro_patch8", 32, 32, 1, 2).state_dict(),
                 "teacher": None}, tmp_path / "pre.pth")

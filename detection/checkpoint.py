@@ -1,14 +1,18 @@
-"""Backbone weights for detectron2's ViTDet: explicit key conversion and a strict load report.
+"""Weights for detectron2's ViTDet: backbone weights by explicit key conversion with a strict load
+report, and whole-detector checkpoints through a strict detectron2 checkpointer.
 
-detectron2's own loader matches names heuristically and skips what it cannot match with only a log
-line; here every encoder tensor is mapped by name to ``backbone.net.*`` and the load fails if any
-ViT block weight was not loaded.
+detectron2's own loader matches names heuristically and skips what it cannot match, or what has
+another shape, with only a log line; here every encoder tensor is mapped by name to
+``backbone.net.*`` and the load fails if any ViT block weight was not loaded, and a detector
+checkpoint with a missing tensor or one of another shape is an error naming the key.
 """
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from timm.layers import resample_patch_embed
 
 from pretrain.checkpoint import CheckpointError, read_checkpoint
@@ -55,14 +59,74 @@ def load_backbone(model: torch.nn.Module, path: str, which: str = "auto") -> dic
     wanted = [k for k in own if k.startswith(PREFIX) and ".rel_pos_" not in k]
     missing = [k for k in wanted if k not in sd]
     if unexpected or shapes or missing:
+        pos_embed = sd.get(PREFIX + "pos_embed")
+        hint = (pos_embed_hint(net, tuple(pos_embed.shape)) if pos_embed is not None
+                and pos_embed.shape != own[PREFIX + "pos_embed"].shape else None)
         raise CheckpointError(
             f"{path} does not fit the ViTDet backbone: "
             + "; ".join(f"{n} {v[:10]}{' ...' if len(v) > 10 else ''}" for n, v in
                         (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if v)
-            + ". Check the config's embed_dim / depth / patch_size / pretrain_img_size.")
+            + ". " + (hint or "Check the config's embed_dim / depth / patch_size / pretrain_img_size."))
     model.load_state_dict(sd, strict=False)
     blocks = len({k.split(".")[3] for k in sd if k.startswith(PREFIX + "blocks.")})
     log.info("loaded %d backbone tensors (%d of %d ViT blocks, position embedding, patch embedding); "
              "relative position tables, pyramid and heads start from their initialisation",
              len(sd), blocks, len(net.blocks))
     return {"loaded": len(sd), "blocks": blocks}
+
+
+def pos_embed_hint(net: torch.nn.Module, shape: tuple) -> str | None:
+    """How to make detectron2's ViT take a position embedding of ``shape`` (1, positions, dim) as it is.
+
+    The ViT stores the pretraining grid (``pretrain_img_size / patch_size`` a side, plus the cls
+    row) and resizes it to the input's grid at every forward (``get_abs_pos``, bicubic). Declaring
+    the checkpoint's grid through ``pretrain_img_size`` therefore reproduces the model that was saved;
+    resampling the checkpoint to the config's grid first would add a second interpolation it was
+    never trained with. None if the checkpoint's positions do not form a square grid of this width.
+    """
+    cls_rows = 1 if net.pretrain_use_cls_token else 0
+    side = math.isqrt(shape[1] - cls_rows)
+    own = net.pos_embed.shape
+    if side * side != shape[1] - cls_rows or shape[2] != own[2]:
+        return None
+    own_side = math.isqrt(own[1] - cls_rows)
+    patch = net.patch_embed.proj.kernel_size[0]
+    return (f"backbone.net.pos_embed holds a {side}x{side} position grid ({shape[1]} positions), the config "
+            f"a {own_side}x{own_side} one (pretrain_img_size {own_side * patch} / patch {patch}); "
+            f"detectron2's ViT resizes the stored grid to the input's at run time, so add the override "
+            f"model.backbone.net.pretrain_img_size={side * patch} to use these weights as they were trained")
+
+
+class StrictDetectionCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer for whole detectors, where a tensor of another shape or a missing
+    one (detectron2 logs and skips them, keeping random weights) is an error naming the key."""
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        problems = []
+        for key, saved, wanted in incompatible.incorrect_shapes:
+            hint = pos_embed_hint(self.model.backbone.net, saved) if key == PREFIX + "pos_embed" else None
+            problems.append(hint or f"{key} has shape {tuple(saved)} in the checkpoint, {tuple(wanted)} in the "
+                                    f"model built from the config")
+        reshaped = {key for key, _, _ in incompatible.incorrect_shapes}  # dropped, so also "missing"
+        missing = [k for k in incompatible.missing_keys if k not in reshaped]
+        if missing:
+            problems.append(f"{len(missing)} tensors of the model are not in the checkpoint ({missing[:5]}"
+                            f"{' ...' if len(missing) > 5 else ''}): not a checkpoint of this detector (backbone "
+                            f"weights go to training through train.init_checkpoint)")
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        return incompatible
+
+
+def load_detector(model: torch.nn.Module, path: str, output_dir: str, resume: bool) -> str:
+    """Load a whole detector checkpoint strictly: ``path``, or with ``resume`` the output directory's
+    last checkpoint when there is one. Returns the file loaded."""
+    checkpointer = StrictDetectionCheckpointer(model, output_dir)
+    if resume and checkpointer.has_checkpoint():
+        path = checkpointer.get_checkpoint_file()
+    try:
+        checkpointer.load(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} does not fit the model of the config: {e}") from None
+    return path

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,16 @@ class COCOEval(COCOEvaluator):
     def __init__(self, dataset_name: str, output_dir: str | None = None, distributed: bool = True):
         super().__init__(dataset_name, tasks=("bbox", "segm"), distributed=distributed,
                          output_dir=output_dir, use_fast_impl=has_compiled_ops())
+        self.across_processes = distributed
 
     def evaluate(self, img_ids=None):
+        detections = sum(len(p.get("instances", [])) for p in self._predictions)  # this process's images
+        if self.across_processes:
+            detections = sum(comm.all_gather(detections))
         results = super().evaluate(img_ids)
-        if results is None:  # not the main process
+        if not results:  # not the main process
             return results
-        predictions = sum(len(p.get("instances", [])) for p in self._predictions)
-        if predictions == 0:
+        if detections == 0:
             results = {task: {k: 0.0 if isinstance(v, float) and math.isnan(v) else v
                               for k, v in metrics.items()} for task, metrics in results.items()}
         return results

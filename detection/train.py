@@ -1,33 +1,31 @@
 """ViTDet training and evaluation on detectron2 (one trainer loop with hooks, LazyConfig, AMP)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.engine import (AMPTrainer, SimpleTrainer, create_ddp_model, default_setup,
                                default_writers, hooks)
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import load_backbone
+from .checkpoint import load_backbone, load_detector
 from .data import build_coins_dataset, register_coco
 from .evaluation import COCOEval, write_results
+from .preflight import DEMO_DATA, check_weights, load_config, path_datasets
 
 log = logging.getLogger("detection")
 
 
 def register_datasets(cfg, extra: list[tuple[str, str, str]] = ()) -> None:
     """Datasets named in ``cfg.datasets`` and on the command line; ``{demo}`` is the coins set."""
-    entries = [(name, d["json_file"], d["image_root"]) for name, d in cfg.get("datasets", {}).items()]
-    entries += list(extra)
-    for name, json_file, image_root in entries:
-        if "{demo}" in json_file or "{demo}" in image_root:
+    for name, (json_file, image_root) in path_datasets(cfg, extra).items():
+        if DEMO_DATA in json_file or DEMO_DATA in image_root:
             demo = Path(cfg.train.output_dir) / "demo_data"
             if comm.is_main_process():
                 build_coins_dataset(demo)
@@ -37,6 +35,8 @@ def register_datasets(cfg, extra: list[tuple[str, str, str]] = ()) -> None:
 
 
 def do_test(cfg, model) -> dict:
+    """COCO box and mask AP on the test set, each process evaluating its share of the images; every
+    process returns the results (detectron2 computes them on the main process only)."""
     names = cfg.dataloader.test.dataset.names
     loader = instantiate(cfg.dataloader.test)
     evaluator = COCOEval(names, output_dir=os.path.join(cfg.train.output_dir, "inference"),
@@ -45,7 +45,7 @@ def do_test(cfg, model) -> dict:
     if comm.is_main_process():
         print_csv_format(results)
         write_results(results, cfg.train.output_dir, "eval_results")
-    return results
+    return comm.all_gather(results)[0]
 
 
 def build_model(cfg):
@@ -54,20 +54,35 @@ def build_model(cfg):
     return model
 
 
-def do_train(cfg, resume: bool):
+def wrap_ddp(model, device: str, ddp_options) -> torch.nn.Module:
+    """detectron2's ``create_ddp_model``, which gives DDP the local GPU as device: a CPU model (gloo)
+    takes no device ids."""
+    if device == "cpu":
+        ddp_options = {**ddp_options, "device_ids": None, "output_device": None}
+    return create_ddp_model(model, **ddp_options)
+
+
+def do_train(cfg, resume: bool) -> tuple[torch.nn.Module, dict]:
+    """Train; returns the model and the results of its last evaluation (after the last iteration)."""
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
-    ddp = create_ddp_model(model, **cfg.train.ddp)
+    ddp = wrap_ddp(model, cfg.train.device, cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(ddp, train_loader, optimizer)
     checkpointer = DetectionCheckpointer(ddp, cfg.train.output_dir, trainer=trainer)
     main_process = comm.is_main_process()
+    evaluations = []
+
+    def evaluate() -> dict:
+        evaluations.append(do_test(cfg, model))
+        return evaluations[-1]
+
     trainer.register_hooks([
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
-        hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+        hooks.EvalHook(cfg.train.eval_period, evaluate),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if main_process else None,
     ])
@@ -78,15 +93,15 @@ def do_train(cfg, resume: bool):
         log.info("resumed at iteration %d", start_iter)
     elif cfg.train.init_checkpoint:
         load_backbone(model, cfg.train.init_checkpoint, cfg.train.get("init_which", "auto"))
-    else:
-        log.warning("train.init_checkpoint is empty: the backbone starts from random weights")
+    else:  # check_weights let it through: train.allow_scratch
+        log.info("train.allow_scratch: the backbone starts from random weights")
     trainer.train(start_iter, cfg.train.max_iter)
-    return model
+    return model, evaluations[-1]
 
 
 def setup(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = load_config(args.config_file, args.opts)
+    check_weights(cfg, args.eval_only, args.resume)
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         log.warning("no GPU: training on the CPU without AMP")
         cfg.train.device = "cpu"
@@ -103,19 +118,19 @@ def main(args) -> dict:
     cfg = setup(args)
     register_datasets(cfg, args.dataset or [])
     out = Path(cfg.train.output_dir).resolve()
-    if args.eval_only:
-        model = create_ddp_model(build_model(cfg))
-        DetectionCheckpointer(model, cfg.train.output_dir).resume_or_load(cfg.train.init_checkpoint,
-                                                                          resume=args.resume)
+    if args.eval_only:  # inference needs no DDP wrapper: each process runs its share of the images
+        model = build_model(cfg)
+        loaded = load_detector(model, cfg.train.init_checkpoint, cfg.train.output_dir, args.resume)
+        log.info("evaluating %s", loaded)
         results = do_test(cfg, model)
     else:
-        model = do_train(cfg, args.resume)  # its EvalHook evaluates after the last iteration
-        results = json.loads((out / "eval_results.json").read_text())
+        model, results = do_train(cfg, args.resume)  # its EvalHook evaluates after the last iteration
     summary = {"output_dir": str(out), "results": str(out / "eval_results.json"),
                "table": str(out / "eval_results.md"), "metrics": str(out / "metrics.json")}
     if comm.is_main_process():
         summary["visualization"] = str(visualize(cfg, model, out / "predictions.png"))
     summary["box_AP"], summary["mask_AP"] = results["bbox"]["AP"], results["segm"]["AP"]
+    comm.synchronize()  # the processes leave together: none tears the group down while another uses it
     return summary
 
 

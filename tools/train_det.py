@@ -15,12 +15,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without install
 
-from detectron2.config import LazyConfig  # noqa: E402
 from detectron2.engine import default_argument_parser, launch as d2_launch  # noqa: E402
 
 from detection.data import DatasetError  # noqa: E402
+from detection.preflight import check_run, load_config  # noqa: E402
 from detection.train import main, run_job  # noqa: E402
 from pretrain.checkpoint import CheckpointError  # noqa: E402
+from pretrain.config import ConfigError  # noqa: E402
 from pretrain.launcher import add_launch_args, launch  # noqa: E402
 
 DEMO = ROOT / "configs" / "detection" / "demo_tiny.py"
@@ -36,11 +37,22 @@ def parse_args(argv=None):
     return args
 
 
+def world_size(args) -> int:
+    """Processes the run will have: SLURM tasks (one per GPU), torchrun's, or detectron2's launch."""
+    if args.slurm:
+        return 1 if args.local else args.nodes * max(args.gpus_per_node, 1)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return args.num_gpus * args.num_machines
+
+
 def run(argv=None):
     args = parse_args(argv)
     try:
+        cfg = load_config(args.config_file, args.opts)
+        check_run(cfg, eval_only=args.eval_only, resume=args.resume, world_size=world_size(args),
+                  extra_datasets=args.dataset or [])
         if args.slurm:  # one task per GPU through submitit, requeued + resumed on timeout
-            cfg = LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
             out = str(Path(cfg.train.output_dir).resolve())  # the tasks may start elsewhere
             args.opts = [*args.opts, f"train.output_dir={out}"]
             args.config_file = str(Path(args.config_file).resolve())
@@ -55,7 +67,7 @@ def run(argv=None):
         else:  # detectron2's launcher: one process per GPU on this machine
             result = d2_launch(main, args.num_gpus, num_machines=args.num_machines,
                                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except (CheckpointError, DatasetError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, DatasetError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if isinstance(result, dict):
         print("\ndone. outputs:")

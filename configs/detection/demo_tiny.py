@@ -1,7 +1,8 @@
 # CPU demo: a tiny ViTDet Mask R-CNN (the ViT-mini of the pretraining demo: width 128, depth 4; its
 # patch-8 kernel is resampled to 16 when loaded, its 8x8 position grid declared as 128 px) with
 # windows of 8 and global blocks 1 and 3, on scikit-image's `coins` (4 views, 21 coins each,
-# polygon masks), 256-px LSJ. Trains a few dozen iterations, evaluates, draws predictions.
+# polygon masks), 256-px LSJ. Trains a few dozen iterations, evaluates, draws predictions. Trains
+# from a random backbone by default (train.allow_scratch).
 # From the pretraining demo's teacher: train.init_checkpoint=output/demo_pretrain/checkpoint_00000640.pth
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
@@ -42,6 +43,7 @@ dataloader.train.mapper.augmentations = [
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=256, max_size=256)]
 
 train.device = "cpu"
+train.allow_scratch = True  # random backbone unless train.init_checkpoint is given
 train.amp.enabled = False
 train.output_dir = "output/demo_det"
 train.max_iter = 60

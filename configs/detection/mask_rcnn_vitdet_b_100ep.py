@@ -20,8 +20,9 @@ train = model_zoo.get_config("common/train.py").train
 train.amp.enabled = True
 train.ddp.fp16_compression = True
 train.output_dir = "output/vitdet_b_100ep"
-train.init_checkpoint = ""  # our pretrain checkpoint (teacher by default), MAE or RC-MAE file
+train.init_checkpoint = ""  # our pretrain checkpoint (teacher by default), MAE or RC-MAE file: required
 train.init_which = "auto"   # auto: teacher when present; or "student"
+train.allow_scratch = False  # True: an empty init_checkpoint trains from random weights on purpose
 train.max_iter = 184375     # 100 epochs at batch 64
 train.eval_period = 10000
 train.checkpointer = dict(period=5000, max_to_keep=2)
@@ -29,7 +30,7 @@ train.checkpointer = dict(period=5000, max_to_keep=2)
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
         values=[1.0, 0.1, 0.01],
-        milestones=[int(0.889 * train.max_iter), int(0.963 * train.max_iter)],
+        milestones=[163889, 177546],  # upstream's numbers (~88.9 % and ~96.3 % of max_iter)
         num_updates=train.max_iter,
     ),
     warmup_length=250 / train.max_iter,

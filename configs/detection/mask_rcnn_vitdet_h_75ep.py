@@ -16,8 +16,11 @@ model.backbone.net.pretrain_img_size = 256
 # global attention in blocks 7, 15, 23, 31; windowed elsewhere
 model.backbone.net.window_block_indexes = [i for i in range(32) if i not in (7, 15, 23, 31)]
 optimizer.params.lr_factor_func = partial(get_vit_lr_decay_rate, num_layers=32, lr_decay_rate=0.9)
-train.max_iter = 138281  # 75 epochs at batch 64
-lr_multiplier.scheduler.milestones = [int(0.889 * train.max_iter), int(0.963 * train.max_iter)]
+# as upstream's ViT-H: weight decay on pos_embed and on the norms too
+optimizer.params.overrides = {}
+optimizer.params.weight_decay_norm = None
+train.max_iter = 138281  # 75 epochs at batch 64: upstream's 184375 * 3 // 4
+lr_multiplier.scheduler.milestones = [122916, 133159]  # upstream's B/L milestones * 3 // 4
 lr_multiplier.scheduler.num_updates = train.max_iter
 lr_multiplier.warmup_length = 250 / train.max_iter
 train.output_dir = "output/vitdet_h_75ep"

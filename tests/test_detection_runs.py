@@ -238,14 +238,15 @@ def test_two_processes_train_and_evaluate_as_one(tmp_path, backbone):
     # with 2 processes (detectron2's launch; gloo on CPU) and with 1
     schedule = ["train.max_iter=4", "train.eval_period=4", "lr_multiplier.scheduler.milestones=[2,3]",
                 "lr_multiplier.scheduler.num_updates=4"]
-    train_det.run(["--num-gpus", "2", f"train.output_dir={tmp_path / 'train'}", f"train.init_checkpoint={backbone}",
+    two = ["--num-gpus", "2", "--dist-url", "auto"]  # a free port: detectron2's default is fixed per user
+    train_det.run([*two, f"train.output_dir={tmp_path / 'train'}", f"train.init_checkpoint={backbone}",
                    *schedule])
     log = (tmp_path / "train" / "log.txt").read_text()
     assert "World size: 2" in log and "iter: 3" in log
     trained = json.loads((tmp_path / "train" / "eval_results.json").read_text())  # evaluated on 2 processes
     final = tmp_path / "train" / "model_final.pth"
     one = train_det.run(["--eval-only", f"train.output_dir={tmp_path / 'one'}", f"train.init_checkpoint={final}"])
-    train_det.run(["--eval-only", "--num-gpus", "2", f"train.output_dir={tmp_path / 'two'}",
+    train_det.run(["--eval-only", *two, f"train.output_dir={tmp_path / 'two'}",
                    f"train.init_checkpoint={final}"])
     single = json.loads((tmp_path / "one" / "eval_results.json").read_text())
     double = json.loads((tmp_path / "two" / "eval_results.json").read_text())

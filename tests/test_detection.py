@@ -224,7 +224,7 @@ def test_demo_trains_with_finite_decreasing_loss(tmp_path):
 
     path, _ = mini_checkpoint(tmp_path)
     out = tmp_path / "det"
-    result = train_det.run([f"train.output_dir={out}", "train.max_iter=40", "train.eval_period=40",
+    result = train_det.run(["--demo", f"train.output_dir={out}", "train.max_iter=40", "train.eval_period=40",
                             "train.checkpointer.period=30",
                             "lr_multiplier.scheduler.milestones=[35,38]", "lr_multiplier.scheduler.num_updates=40",
                             f"train.init_checkpoint={path}"])
@@ -240,14 +240,14 @@ def test_demo_trains_with_finite_decreasing_loss(tmp_path):
     assert 0 <= evaluated["bbox"]["AP"] <= 100 and "segm" in evaluated
     assert (out / "model_final.pth").is_file() and (out / "last_checkpoint").is_file()
     # --eval-only on the saved model reproduces the end-of-training evaluation
-    again = train_det.run(["--eval-only", f"train.output_dir={tmp_path / 'det_eval'}",
+    again = train_det.run(["--demo", "--eval-only", f"train.output_dir={tmp_path / 'det_eval'}",
                            f"train.init_checkpoint={out / 'model_final.pth'}"])
     assert again["box_AP"] == pytest.approx(evaluated["bbox"]["AP"])
     assert again["mask_AP"] == pytest.approx(evaluated["segm"]["AP"])
     # an interrupted run (last checkpoint at iteration 29) resumes from the output dir's pointer
     (out / "model_final.pth").unlink()
     (out / "last_checkpoint").write_text("model_0000029.pth")
-    train_det.run(["--resume", f"train.output_dir={out}", "train.max_iter=40", "train.eval_period=40",
+    train_det.run(["--demo", "--resume", f"train.output_dir={out}", "train.max_iter=40", "train.eval_period=40",
                    "lr_multiplier.scheduler.milestones=[35,38]", "lr_multiplier.scheduler.num_updates=40"])
     assert "resumed at iteration 30" in (out / "log.txt").read_text()
     assert (out / "model_final.pth").is_file()

@@ -120,7 +120,7 @@ def test_paper_recipes_refuse_a_random_backbone_unless_asked(tmp_path):
 
 def test_eval_only_needs_weights(capsys):
     with pytest.raises(SystemExit, match="--eval-only needs the detector's weights: train.init_checkpoint=PATH"):
-        train_det.run(["--eval-only"])
+        train_det.run(["--demo", "--eval-only"])
 
 
 def demo_detector(pretrain_img_size=128, seed=0):
@@ -134,7 +134,7 @@ def test_eval_only_with_another_position_grid_names_the_override(tmp_path):
     saved = demo_detector(pretrain_img_size=96)  # a 6x6 grid (37 positions); the demo config has 8x8 (65)
     torch.save({"model": saved.state_dict()}, tmp_path / "model.pth")
     with pytest.raises(SystemExit) as exit_:
-        train_det.run(["--eval-only", f"train.output_dir={tmp_path / 'eval'}",
+        train_det.run(["--demo", "--eval-only", f"train.output_dir={tmp_path / 'eval'}",
                        f"train.init_checkpoint={tmp_path / 'model.pth'}"])
     assert str(exit_.value) == (
         f"error: {tmp_path / 'model.pth'} does not fit the model of the config: backbone.net.pos_embed holds a "
@@ -239,14 +239,14 @@ def test_two_processes_train_and_evaluate_as_one(tmp_path, backbone):
     schedule = ["train.max_iter=4", "train.eval_period=4", "lr_multiplier.scheduler.milestones=[2,3]",
                 "lr_multiplier.scheduler.num_updates=4"]
     two = ["--num-gpus", "2", "--dist-url", "auto"]  # a free port: detectron2's default is fixed per user
-    train_det.run([*two, f"train.output_dir={tmp_path / 'train'}", f"train.init_checkpoint={backbone}",
+    train_det.run(["--demo", *two, f"train.output_dir={tmp_path / 'train'}", f"train.init_checkpoint={backbone}",
                    *schedule])
     log = (tmp_path / "train" / "log.txt").read_text()
     assert "World size: 2" in log and "iter: 3" in log
     trained = json.loads((tmp_path / "train" / "eval_results.json").read_text())  # evaluated on 2 processes
     final = tmp_path / "train" / "model_final.pth"
-    one = train_det.run(["--eval-only", f"train.output_dir={tmp_path / 'one'}", f"train.init_checkpoint={final}"])
-    train_det.run(["--eval-only", *two, f"train.output_dir={tmp_path / 'two'}",
+    one = train_det.run(["--demo", "--eval-only", f"train.output_dir={tmp_path / 'one'}", f"train.init_checkpoint={final}"])
+    train_det.run(["--demo", "--eval-only", *two, f"train.output_dir={tmp_path / 'two'}",
                    f"train.init_checkpoint={final}"])
     single = json.loads((tmp_path / "one" / "eval_results.json").read_text())
     double = json.loads((tmp_path / "two" / "eval_results.json").read_text())
@@ -259,3 +259,14 @@ def test_two_processes_train_and_evaluate_as_one(tmp_path, backbone):
         return sorted((d["image_id"], round(d["score"], 5), [round(v, 2) for v in d["bbox"]]) for d in found)
 
     assert detections("one") == detections("two")
+
+
+def test_the_demo_runs_only_without_arguments_or_with_demo(capsys):
+    """Real settings never fall back to the demo config: without --config-file they are an error."""
+    with pytest.raises(SystemExit):
+        train_det.parse_args(["--num-gpus", "8", "train.init_checkpoint=mae_pretrain_vit_base.pth"])
+    assert "--config-file is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_det.parse_args(["--demo", "--config-file", str(B)])
+    assert "--demo runs the demo config" in capsys.readouterr().err
+    assert train_det.parse_args([]).config_file == train_det.parse_args(["--demo"]).config_file == str(DEMO)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """ViTDet Mask R-CNN on COCO-format data with detectron2, from RC-MAE / MAE backbones.
 
-  python tools/train_det.py                          # CPU demo: configs/detection/demo_tiny.py on `coins`
+  python tools/train_det.py                          # CPU demo (no arguments, or --demo): demo_tiny.py on `coins`
   python tools/train_det.py --config-file configs/detection/mask_rcnn_vitdet_b_100ep.py --num-gpus 8 \\
       train.init_checkpoint=output/rcmae_vit_base/checkpoint_....pth
   python tools/train_det.py --config-file ... --eval-only train.init_checkpoint=output/vitdet_b_100ep/model_final.pth
@@ -22,7 +22,7 @@ from detection.preflight import check_run, load_config  # noqa: E402
 from detection.train import main, run_job  # noqa: E402
 from pretrain.checkpoint import CheckpointError  # noqa: E402
 from pretrain.config import ConfigError  # noqa: E402
-from pretrain.launcher import add_launch_args, launch  # noqa: E402
+from pretrain.launcher import add_launch_args, launch, slurm_world_size  # noqa: E402
 
 DEMO = ROOT / "configs" / "detection" / "demo_tiny.py"
 
@@ -31,16 +31,24 @@ def parse_args(argv=None):
     p = default_argument_parser(epilog=__doc__)  # --config-file --resume --eval-only --num-gpus ...
     p.add_argument("--dataset", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
                    help="register a COCO-format dataset (repeatable)")
+    p.add_argument("--demo", action="store_true", help=f"the CPU demo ({DEMO.name}); also what a call "
+                   "without arguments runs")
     add_launch_args(p)
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    args.config_file = args.config_file or str(DEMO)
+    if args.demo or not argv:
+        if args.config_file:
+            p.error("--demo runs the demo config; drop --demo to use --config-file")
+        args.config_file = str(DEMO)
+    elif not args.config_file:  # never fall back to the demo with real settings
+        p.error("--config-file is required (e.g. configs/detection/mask_rcnn_vitdet_b_100ep.py), or --demo")
     return args
 
 
 def world_size(args) -> int:
     """Processes the run will have: SLURM tasks (one per GPU), torchrun's, or detectron2's launch."""
     if args.slurm:
-        return 1 if args.local else args.nodes * max(args.gpus_per_node, 1)
+        return slurm_world_size(args)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
     return args.num_gpus * args.num_machines

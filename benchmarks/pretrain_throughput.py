@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -29,13 +28,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from pretrain.engine import TrainStep, build_optimizer, mask_noise  # noqa: E402
-from pretrain.models import ARCHS, build_mae  # noqa: E402
-from pretrain.rcmae import RCMAE  # noqa: E402
-from pretrain.run import AMP_DTYPES, resolve_precision  # noqa: E402
-from pretrain.train import DEFAULTS  # noqa: E402
+from rcmae.pretrain.engine import TrainStep, build_optimizer, mask_noise
+from rcmae.pretrain.models import ARCHS, build_mae
+from rcmae.pretrain.rcmae import RCMAE
+from rcmae.pretrain.run import AMP_DTYPES, resolve_precision
+from rcmae.pretrain.train import DEFAULTS
 
 OPTIM = DEFAULTS["optim"]
 SEED = 0

@@ -14,7 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pretrain.config import ConfigError
+from rcmae.pretrain.config import ConfigError
 
 from .data import DatasetError, validate_coco_json
 

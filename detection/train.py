@@ -19,7 +19,7 @@ from .data import build_coins_dataset, register_coco
 from .evaluation import COCOEval, write_results
 from .preflight import DEMO_DATA, check_weights, load_config, path_datasets
 
-log = logging.getLogger("detection")
+log = logging.getLogger(__name__)
 
 
 def register_datasets(cfg, extra: list[tuple[str, str, str]] = ()) -> None:
@@ -180,7 +180,7 @@ def run_job(job: dict) -> dict:
     per GPU), then ``main`` as detectron2's own launcher would run it."""
     import argparse
 
-    from pretrain.distributed import init_distributed
+    from rcmae.pretrain.distributed import init_distributed
 
     args = argparse.Namespace(**job["args"])
     args.resume = args.resume or job["train"].get("resume") == "auto"

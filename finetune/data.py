@@ -10,7 +10,7 @@ from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms
 
-from pretrain.data import (IMAGENET_MEAN, IMAGENET_STD, SeededImages, check_folder_pair, image_folder_classes,
+from rcmae.pretrain.data import (IMAGENET_MEAN, IMAGENET_STD, SeededImages, check_folder_pair, image_folder_classes,
                            image_folder_samples, mae_eval_config)
 
 # Real photos shipped with scikit-image, named by the ImageNet-1k class they show.
@@ -79,7 +79,7 @@ def labelled_pair(d: dict, out_dir: Path, is_main: bool, section: str = "data",
     """(train_path, val_path, label_space) of a config section with ``source`` (folder / demo),
     ``train_path``, ``val_path``, ``label_space``; the demo set is built (by the main process) under
     ``out_dir / demo_dir``."""
-    from pretrain.distributed import barrier
+    from rcmae.pretrain.distributed import barrier
 
     check_folder_pair(d, section)
     if d["source"] == "demo":

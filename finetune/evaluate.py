@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from tqdm import tqdm
 
-from pretrain.distributed import all_reduce, world_rank
+from rcmae.pretrain.distributed import all_reduce, world_rank
 
 
 class ShardSampler(Sampler):

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pretrain.distributed import world_size
+from rcmae.pretrain.distributed import world_size
 
 
 @torch.no_grad()

@@ -4,17 +4,17 @@ from __future__ import annotations
 import json
 import logging
 
-from pretrain.checkpoint import check_checkpoint_option
-from pretrain.data import check_folder_pair
-from pretrain.models import check_arch
-from pretrain.run import start_run
-from pretrain.train import KNN_DEFAULTS
+from rcmae.pretrain.checkpoint import check_checkpoint_option
+from rcmae.pretrain.data import check_folder_pair
+from rcmae.pretrain.models import check_arch
+from rcmae.pretrain.run import start_run
+from rcmae.pretrain.train import KNN_DEFAULTS
 
 from .data import labelled_eval_sets
 from .knn import knn_evaluate
 from .models import build_classifier, load_backbone
 
-log = logging.getLogger("finetune")
+log = logging.getLogger(__name__)
 
 DEFAULTS = {
     "model": {"arch": "vit_base_patch16", "img_size": 224},

@@ -9,9 +9,9 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from pretrain.checkpoint import CheckpointError, read_checkpoint
-from pretrain.config import ConfigError
-from pretrain.models import check_arch, is_encoder_key
+from rcmae.pretrain.checkpoint import CheckpointError, read_checkpoint
+from rcmae.pretrain.config import ConfigError
+from rcmae.pretrain.models import check_arch, is_encoder_key
 
 log = logging.getLogger(__name__)
 

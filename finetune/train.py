@@ -13,21 +13,21 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars
 from tqdm import tqdm
 
-from pretrain import checkpoint as ckpt
-from pretrain.config import ConfigError
-from pretrain.data import SeededImages, check_folder_pair, sample_seed, seeded, train_batches
-from pretrain.distributed import all_gather_objects, barrier
-from pretrain.engine import TrainStep, training_forward
-from pretrain.models import check_arch
-from pretrain.rcmae import lr_at
-from pretrain.run import (MetricLogger, accumulation_steps, rng_state,
+from rcmae.pretrain import checkpoint as ckpt
+from rcmae.pretrain.config import ConfigError
+from rcmae.pretrain.data import SeededImages, check_folder_pair, sample_seed, seeded, train_batches
+from rcmae.pretrain.distributed import all_gather_objects, barrier
+from rcmae.pretrain.engine import TrainStep, training_forward
+from rcmae.pretrain.models import check_arch
+from rcmae.pretrain.rcmae import lr_at
+from rcmae.pretrain.run import (MetricLogger, accumulation_steps, rng_state,
                             set_rng_state, start_run, warn_config_changes)
 
 from .data import eval_dataset, labelled_images, labelled_pair, train_transform
 from .evaluate import evaluate, shard_loader
 from .models import build_classifier, classifier_state, init_head, linear_probe_head, load_backbone
 
-log = logging.getLogger("finetune")
+log = logging.getLogger(__name__)
 
 # MAE's (and RC-MAE's) ViT-B/16 fine-tuning recipe (configs/finetune/{mae,rcmae}_vit_base.yaml): what
 # tools/finetune.py runs without --config-file.

@@ -83,14 +83,39 @@ def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def config_path(name: str | Path) -> Path:
+    """A config file by path, or a shipped one by name: ``configs/pretrain/rcmae_vit_base.yaml`` (as
+    the README writes it, from any directory), ``pretrain/rcmae_vit_base.yaml`` or
+    ``pretrain/rcmae_vit_base``."""
+    from importlib.resources import files
+
+    path = Path(name)
+    if path.is_file():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = Path(str(files("rcmae.configs"))).joinpath(*parts)
+    for candidate in (shipped, *(shipped.with_name(shipped.name + ext) for ext in (".yaml", ".py"))):
+        if parts and candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {name} does not exist (neither a file nor a shipped config: "
+                      f"{', '.join(shipped_configs())})")
+
+
+def shipped_configs() -> list[str]:
+    """The names of the shipped configs, e.g. ``pretrain/rcmae_vit_base``."""
+    from importlib.resources import files
+
+    root = Path(str(files("rcmae.configs")))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.glob("*/*.yaml"))
+
+
 def load_config(defaults: dict, config_file: str | Path | None = None,
                 overrides: Iterable[str] = ()) -> dict:
-    """Defaults <- YAML file <- command-line overrides, each key validated."""
+    """Defaults <- YAML file (a path or a shipped config's name) <- command-line overrides, each key
+    validated."""
     cfg = copy.deepcopy(defaults)
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = config_path(config_file)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

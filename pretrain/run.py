@@ -45,26 +45,23 @@ def resolve_precision(precision: str, device_type: str) -> tuple[str, torch.dtyp
     return precision, AMP_DTYPES[precision]
 
 
-PACKAGES = ("pretrain", "finetune", "robustness", "detection")
-
-
 def setup_logging(out_dir: Path, is_main: bool) -> None:
-    """Log this project's packages to stdout and (rank 0) ``log.txt``; other loggers are left alone."""
+    """Log this project (the ``rcmae`` logger and its children) to stdout and (rank 0) ``log.txt``;
+    other loggers are left alone."""
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
     handlers = [logging.StreamHandler(sys.stdout)]
     if is_main:
         handlers.append(logging.FileHandler(out_dir / "log.txt"))
     for handler in handlers:
         handler.setFormatter(fmt)
-    for name in PACKAGES:
-        logger = logging.getLogger(name)
-        for handler in logger.handlers[:]:
-            logger.removeHandler(handler)
-            handler.close()
-        logger.setLevel(logging.INFO if is_main else logging.WARNING)
-        logger.propagate = False
-        for handler in handlers:
-            logger.addHandler(handler)
+    logger = logging.getLogger("rcmae")
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    for handler in handlers:
+        logger.addHandler(handler)
 
 
 def rng_state() -> dict:

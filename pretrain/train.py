@@ -20,7 +20,7 @@ from .run import (AMP_DTYPES, MetricLogger, accumulation_steps, rng_state, set_r
                   warn_config_changes)
 from .visualize import save_reconstruction
 
-log = logging.getLogger("pretrain")
+log = logging.getLogger(__name__)
 
 KNN_DEFAULTS = {"k": 20, "temperature": 0.07, "pool": "cls", "batch_size": 256}
 # The RC-MAE ViT-B/16 recipe (configs/pretrain/rcmae_vit_base.yaml, which adds the official layout's
@@ -135,15 +135,15 @@ def knn_datasets(cfg: dict, out_dir: Path, is_main: bool):
     knn = cfg["knn"]
     if not knn["every_epochs"]:
         return None
-    from finetune.data import labelled_eval_sets  # downstream package, imported lazily
+    from rcmae.finetune.data import labelled_eval_sets  # downstream package, imported lazily
 
     return labelled_eval_sets(knn, out_dir, is_main, cfg["model"]["img_size"], "knn", "knn_demo_data")
 
 
 def knn_monitor(model: RCMAE, sets, cfg: dict, run) -> dict:
     """k-NN accuracy of the teacher's encoder (the student's for MAE), all processes taking part."""
-    from finetune.knn import knn_evaluate
-    from finetune.models import build_classifier
+    from rcmae.finetune.knn import knn_evaluate
+    from rcmae.finetune.models import build_classifier
 
     source = model.teacher if model.teacher is not None else model.student
     backbone = build_classifier(cfg["model"]["arch"], cfg["model"]["img_size"], 0, "token")

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from finetune.data import DEMO_CLASSES, imagenet_wnids, labelled_dataset
-from pretrain.data import SeededImages, image_folder_classes
+from rcmae.finetune.data import DEMO_CLASSES, imagenet_wnids, labelled_dataset
+from rcmae.pretrain.data import SeededImages, image_folder_classes
 
 from .imagenet_c import make_imagenet_c
 from .metrics import BENCHMARK, EXTRA, SEVERITIES

@@ -13,18 +13,18 @@ import logging
 import time
 from pathlib import Path
 
-from finetune.evaluate import evaluate, shard_loader
-from pretrain.checkpoint import check_checkpoint_option
-from pretrain.config import ConfigError, load_config
-from pretrain.distributed import all_gather_objects, barrier
-from pretrain.run import setup_logging, start_run
+from rcmae.finetune.evaluate import evaluate, shard_loader
+from rcmae.pretrain.checkpoint import check_checkpoint_option
+from rcmae.pretrain.config import ConfigError, load_config
+from rcmae.pretrain.distributed import all_gather_objects, barrier
+from rcmae.pretrain.run import setup_logging, start_run
 
 from .data import (build_demo_benchmarks, check_wnid_folder, class_mask, eval_set, imagenet_c_cells,
                    stored_transform)
 from .metrics import BENCHMARK, EXTRA, SEVERITIES, corruption_errors
 from .models import PREPROCESSING, Classifier, load_classifier
 
-log = logging.getLogger("robustness")
+log = logging.getLogger(__name__)
 
 DEFAULTS = {
     # arch / img_size: read from the checkpoint where it tells them (ours, MAE); a timm model name
@@ -41,7 +41,7 @@ DATASETS = ("imagenet_val", "imagenet_c", "imagenet_a", "imagenet_r", "imagenet_
 LABELS = {"imagenet_val": "ImageNet val", "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R",
           "imagenet_sketch": "ImageNet-Sketch"}
 RESULTS = "results.jsonl"
-DEMO_FINETUNE = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "demo.yaml"
+DEMO_FINETUNE = "finetune/demo.yaml"  # a shipped config
 
 
 def validate(cfg: dict, world: int = 1) -> None:
@@ -77,8 +77,8 @@ def validate(cfg: dict, world: int = 1) -> None:
 def demo_inputs(cfg: dict, run) -> dict:
     """The demo: tiny benchmark trees from real photos and, without a checkpoint, the fine-tuning
     demo's classifier."""
-    from finetune.train import DEFAULTS as FT_DEFAULTS
-    from finetune.train import main as finetune
+    from rcmae.finetune.train import DEFAULTS as FT_DEFAULTS
+    from rcmae.finetune.train import main as finetune
 
     root = run.out_dir / "demo_data"
     if run.env.is_main:
@@ -87,8 +87,6 @@ def demo_inputs(cfg: dict, run) -> dict:
     sets = build_demo_benchmarks(root)
     cfg["data"].update({k: str(sets["val" if k == "imagenet_val" else k]) for k in DATASETS})
     if cfg["model"]["checkpoint"] is None:
-        if not DEMO_FINETUNE.is_file():
-            raise ConfigError(f"the demo classifier's config {DEMO_FINETUNE} is missing: pass model.checkpoint")
         ft_cfg = load_config(FT_DEFAULTS, DEMO_FINETUNE, [f"train.output_dir={run.out_dir / 'demo_classifier'}",
                                                           f"train.device={run.device.type}"])
         log.info("no model.checkpoint: fine-tuning the demo classifier first (%s)", DEMO_FINETUNE)

@@ -60,7 +60,7 @@ from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
 
-from finetune.data import labelled_images
+from rcmae.finetune.data import labelled_images
 
 from .metrics import BENCHMARK, EXTRA, SEVERITIES
 

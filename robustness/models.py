@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from finetune.models import build_classifier
-from pretrain.checkpoint import CheckpointError, read_checkpoint
-from pretrain.config import ConfigError
-from pretrain.data import mae_eval_config
-from pretrain.models import ARCHS, infer_arch
+from rcmae.finetune.models import build_classifier
+from rcmae.pretrain.checkpoint import CheckpointError, read_checkpoint
+from rcmae.pretrain.config import ConfigError
+from rcmae.pretrain.data import mae_eval_config
+from rcmae.pretrain.models import ARCHS, infer_arch
 
 PREPROCESSING = ("auto", "mae", "timm")
 

@@ -1,14 +1,12 @@
 import copy
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from rcmae.pretrain.config import load_config
+from rcmae.pretrain.train import DEFAULTS
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.train import DEFAULTS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MICRO = {"model": dict(arch="vit_micro_patch8", img_size=32, decoder_dim=32, decoder_depth=1,
                        decoder_heads=2),
@@ -40,7 +38,7 @@ def make_imagenet(root: Path, per_class: int = 4, size: int = 48) -> Path:
     import skimage.data
     from PIL import Image
 
-    from finetune.data import DEMO_CLASSES
+    from rcmae.finetune.data import DEMO_CLASSES
 
     rng = np.random.default_rng(0)
     for name, wnid in DEMO_CLASSES.items():

@@ -6,9 +6,9 @@ import timm.data
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from pretrain import checkpoint as ck
-from pretrain.engine import build_optimizer
-from pretrain.models import build_mae, random_masking_ids
+from rcmae.pretrain import checkpoint as ck
+from rcmae.pretrain.engine import build_optimizer
+from rcmae.pretrain.models import build_mae, random_masking_ids
 
 
 def micro():

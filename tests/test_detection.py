@@ -1,6 +1,5 @@
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,11 @@ from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 from timm.layers import resample_patch_embed  # noqa: E402
 
-from detection.checkpoint import convert_to_detectron2, load_backbone  # noqa: E402
-from detection.data import DatasetError, build_coins_dataset, register_coco, validate_coco_json  # noqa: E402
-from detection.evaluation import COCOEval  # noqa: E402
-from pretrain import checkpoint as ck  # noqa: E402
-from pretrain.models import build_mae  # noqa: E402
+from rcmae.detection.checkpoint import convert_to_detectron2, load_backbone  # noqa: E402
+from rcmae.detection.data import DatasetError, build_coins_dataset, register_coco, validate_coco_json  # noqa: E402
+from rcmae.detection.evaluation import COCOEval  # noqa: E402
+from rcmae.pretrain import checkpoint as ck  # noqa: E402
+from rcmae.pretrain.models import build_mae  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
@@ -219,8 +218,7 @@ def test_dataset_registration_errors(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_with_finite_decreasing_loss(tmp_path):
-    sys.path.append(str(ROOT / "tools"))
-    import train_det
+    from rcmae.tools import train_det
 
     path, _ = mini_checkpoint(tmp_path)
     out = tmp_path / "det"

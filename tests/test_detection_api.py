@@ -88,7 +88,7 @@ def api_problems() -> list[str]:
     from detectron2.config import LazyConfig
     from detectron2.data import DatasetCatalog
 
-    from detection.preflight import unknown_arguments
+    from rcmae.detection.preflight import unknown_arguments
 
     problems = []
     names = set().union(*(used_names(p.read_text()) for p in SOURCES), CLASS_MEMBERS) - OPTIONAL

@@ -3,7 +3,6 @@ weights (no silent random backbone, no silently skipped tensor), the upstream sc
 multi-process training and evaluation (gloo on CPU) against one process."""
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +18,17 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
-from detection.checkpoint import load_detector  # noqa: E402
-from detection.data import build_coins_dataset, register_coco  # noqa: E402
-from detection.preflight import load_config, unknown_arguments  # noqa: E402
-from detection.train import do_test, main  # noqa: E402
-from pretrain import checkpoint as ck  # noqa: E402
-from pretrain.config import ConfigError  # noqa: E402
-from pretrain.models import build_mae  # noqa: E402
+from rcmae.detection.checkpoint import load_detector  # noqa: E402
+from rcmae.detection.data import build_coins_dataset, register_coco  # noqa: E402
+from rcmae.detection.preflight import load_config, unknown_arguments  # noqa: E402
+from rcmae.detection.train import do_test, main  # noqa: E402
+from rcmae.pretrain import checkpoint as ck  # noqa: E402
+from rcmae.pretrain.config import ConfigError  # noqa: E402
+from rcmae.pretrain.models import build_mae  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
-sys.path.append(str(ROOT / "tools"))
-import train_det  # noqa: E402
+from rcmae.tools import train_det  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "detection"
 DEMO = CONFIGS / "demo_tiny.py"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import knn_tool
-from pretrain.config import load_config
-from pretrain.train import main as pretrain_main
+from rcmae.finetune import knn_tool
+from rcmae.pretrain.config import load_config
+from rcmae.pretrain.train import main as pretrain_main
 
 from conftest import ROOT, micro_config
 

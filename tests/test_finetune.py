@@ -9,14 +9,14 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch.utils.data import Dataset
 
-from finetune.evaluate import evaluate, shard_loader
-from finetune.knn import gather_in_order, knn_classify
-from finetune.models import (build_classifier, classifier_state, interpolate_pos_embed,
+from rcmae.finetune.evaluate import evaluate, shard_loader
+from rcmae.finetune.knn import gather_in_order, knn_classify
+from rcmae.finetune.models import (build_classifier, classifier_state, interpolate_pos_embed,
                              linear_probe_head, load_backbone)
-from finetune.train import DEFAULTS, main
-from pretrain import checkpoint as ck
-from pretrain.config import load_config
-from pretrain.models import build_mae
+from rcmae.finetune.train import DEFAULTS, main
+from rcmae.pretrain import checkpoint as ck
+from rcmae.pretrain.config import load_config
+from rcmae.pretrain.models import build_mae
 
 
 def labelled_folder(root, classes=("n02123045", "n07920052"), per_class=8, size=40):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from robustness.imagenet_c import (ELASTIC, FROST_FILES, JPEG_QUALITY, elastic_transform, frost, frost_image,
+from rcmae.robustness.imagenet_c import (ELASTIC, FROST_FILES, JPEG_QUALITY, elastic_transform, frost, frost_image,
                                    make_imagenet_c)
 
 from conftest import ROOT

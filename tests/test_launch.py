@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import find_last_checkpoint, read_checkpoint
-from pretrain.distributed import DistEnv, env_from_variables
-from pretrain.launcher import add_launch_args, launch
-from pretrain.train import main
+from rcmae.pretrain.checkpoint import find_last_checkpoint, read_checkpoint
+from rcmae.pretrain.distributed import DistEnv, env_from_variables
+from rcmae.pretrain.launcher import add_launch_args, launch
+from rcmae.pretrain.train import main
 
 from conftest import ROOT, micro_config
-
-sys.path.append(str(ROOT / "tools"))
-import export_encoder as export_tool  # noqa: E402
+from rcmae.tools import export_encoder as export_tool
 
 
 def run_tool(*args, timeout=300):

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from pretrain.engine import param_groups
-from pretrain.models import (build_mae, masked_mean, patchify, random_masking_ids, sincos_pos_embed,
+from rcmae.pretrain.engine import param_groups
+from rcmae.pretrain.models import (build_mae, masked_mean, patchify, random_masking_ids, sincos_pos_embed,
                              unpatchify)
-from pretrain.rcmae import RCMAE, lr_at, momentum_at
+from rcmae.pretrain.rcmae import RCMAE, lr_at, momentum_at
 
 
 def micro(**kw):

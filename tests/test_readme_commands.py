@@ -11,7 +11,7 @@ import timm
 import torch
 import yaml
 
-from pretrain.checkpoint import find_last_checkpoint, read_checkpoint
+from rcmae.pretrain.checkpoint import find_last_checkpoint, read_checkpoint
 
 from conftest import ROOT
 
@@ -127,8 +127,8 @@ def test_export_commands(tmp_path, pretrained):
 def test_robustness_under_torchrun(tmp_path, imagenet):
     """``torchrun --nproc-per-node 8 tools/eval_robustness.py --checkpoint ... --imagenet-val ...`` with 2
     processes counts every image once, as 1 process does."""
-    from finetune.models import build_classifier
-    from pretrain import checkpoint as ck
+    from rcmae.finetune.models import build_classifier
+    from rcmae.pretrain import checkpoint as ck
 
     model = build_classifier("vit_micro_patch8", 32, 1000, "avg")
     torch.save({"format": ck.CLASSIFIER_FORMAT, "model": model.state_dict(), "arch": "vit_micro_patch8",

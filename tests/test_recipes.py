@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.data import eval_transform
-from pretrain.data import eval_crop_pct
-from finetune.models import build_classifier
-from finetune.train import DEFAULTS as FT_DEFAULTS
-from finetune.train import LINPROBE_DEFAULTS
-from finetune.train import build_optimizer as build_ft_optimizer
-from pretrain.config import ConfigError, load_config
-from pretrain.engine import TrainStep, build_optimizer, mask_noise
-from pretrain.models import build_mae
-from pretrain.rcmae import RCMAE, teacher_momenta
-from pretrain.train import DEFAULTS as PT_DEFAULTS
-from pretrain.train import validate
+from rcmae.finetune.data import eval_transform
+from rcmae.pretrain.data import eval_crop_pct
+from rcmae.finetune.models import build_classifier
+from rcmae.finetune.train import DEFAULTS as FT_DEFAULTS
+from rcmae.finetune.train import LINPROBE_DEFAULTS
+from rcmae.finetune.train import build_optimizer as build_ft_optimizer
+from rcmae.pretrain.config import ConfigError, load_config
+from rcmae.pretrain.engine import TrainStep, build_optimizer, mask_noise
+from rcmae.pretrain.models import build_mae
+from rcmae.pretrain.rcmae import RCMAE, teacher_momenta
+from rcmae.pretrain.train import DEFAULTS as PT_DEFAULTS
+from rcmae.pretrain.train import validate
 
 from conftest import ROOT
 
@@ -265,7 +265,7 @@ def test_eval_crop_follows_mae():
 def test_tool_defaults_are_the_vit_base_recipe(defaults, config):
     """A call without --config-file trains the published ViT-B recipe (only where the outputs go and
     the per-process micro-batch may differ)."""
-    from pretrain.config import flatten
+    from rcmae.pretrain.config import flatten
 
     recipe = flatten(load_config(defaults, ROOT / "configs" / config))
     own = flatten(load_config(defaults))

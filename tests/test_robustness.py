@@ -9,15 +9,15 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from finetune.data import imagenet_wnids
-from finetune.models import build_classifier
-from pretrain import checkpoint as ck
-from pretrain.config import load_config
-from pretrain.models import build_mae
-from robustness.data import class_mask
-from robustness.evaluate import DEFAULTS, main
-from robustness.models import load_classifier
-from robustness.metrics import ALEXNET_CLEAN_ERR, ALEXNET_ERR, ALEXNET_ERR_EXTRA, SEVERITIES, corruption_errors
+from rcmae.finetune.data import imagenet_wnids
+from rcmae.finetune.models import build_classifier
+from rcmae.pretrain import checkpoint as ck
+from rcmae.pretrain.config import load_config
+from rcmae.pretrain.models import build_mae
+from rcmae.robustness.data import class_mask
+from rcmae.robustness.evaluate import DEFAULTS, main
+from rcmae.robustness.models import load_classifier
+from rcmae.robustness.metrics import ALEXNET_CLEAN_ERR, ALEXNET_ERR, ALEXNET_ERR_EXTRA, SEVERITIES, corruption_errors
 
 from conftest import ROOT
 

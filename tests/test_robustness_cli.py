@@ -13,11 +13,11 @@ import timm.data
 import torch
 from PIL import Image
 
-from finetune.data import imagenet_wnids
-from finetune.models import build_classifier
-from pretrain import checkpoint as ck
-from pretrain.config import ConfigError, load_config
-from robustness.evaluate import DEFAULTS, RESULTS, main
+from rcmae.finetune.data import imagenet_wnids
+from rcmae.finetune.models import build_classifier
+from rcmae.pretrain import checkpoint as ck
+from rcmae.pretrain.config import ConfigError, load_config
+from rcmae.robustness.evaluate import DEFAULTS, RESULTS, main
 
 from conftest import ROOT
 

@@ -7,9 +7,9 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from pretrain.checkpoint import find_last_checkpoint, list_checkpoints, read_checkpoint
-from pretrain.run import NonFiniteLossError
-from pretrain.train import main
+from rcmae.pretrain.checkpoint import find_last_checkpoint, list_checkpoints, read_checkpoint
+from rcmae.pretrain.run import NonFiniteLossError
+from rcmae.pretrain.train import main
 
 from conftest import micro_config
 
@@ -118,7 +118,7 @@ def test_resume_from_official_rcmae_checkpoint(micro_cfg, tmp_path):
     main(micro_cfg("optim.epochs=1", "optim.decay_tokens=false", out="src"))
     ours = read_checkpoint(find_last_checkpoint(tmp_path / "src")).raw
     names = ours["optimizer_param_names"]
-    from pretrain.models import build_mae
+    from rcmae.pretrain.models import build_mae
     params = [(n, p) for n, p in build_mae("vit_micro_patch8", 32, 32, 1, 2).named_parameters() if p.requires_grad]
     no_decay = [n for n, p in params if p.ndim <= 1 or n.endswith(".bias")]  # timm 0.3.2 add_weight_decay
     official_order = no_decay + [n for n, _ in params if n not in no_decay]

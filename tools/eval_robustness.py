@@ -15,13 +15,10 @@ A rerun with the same --output skips what results.jsonl already holds (--no-resu
 """
 import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without install
-
-from pretrain.launcher import run_cli  # noqa: E402
-from robustness.evaluate import DATASETS, DEFAULTS, main, validate  # noqa: E402
+from rcmae.pretrain.config import config_path
+from rcmae.pretrain.launcher import run_cli
+from rcmae.robustness.evaluate import DATASETS, DEFAULTS, main as evaluate, validate
 
 FLAGS = {"checkpoint": "model.checkpoint", "model": "model.arch", "img_size": "model.img_size",
          "preprocessing": "model.preprocessing", "output": "train.output_dir", "batch_size": "data.batch_size",
@@ -54,7 +51,12 @@ def to_overrides(args):
     return [f"{key}={text(getattr(args, flag))}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
 
 
+def main(argv=None):
+    return run_cli(sys.argv[1:] if argv is None else argv,
+                   defaults=DEFAULTS, main=evaluate, name="rcmae-robustness", description=__doc__,
+                   demo_config=config_path("robustness/demo.yaml"), errors=(ValueError,),
+                   add_args=add_args, args_to_overrides=to_overrides, preflight=validate)
+
+
 if __name__ == "__main__":
-    run_cli(sys.argv[1:], defaults=DEFAULTS, main=main, name="robustness", description=__doc__,
-            demo_config=ROOT / "configs" / "robustness" / "demo.yaml", errors=(ValueError,),
-            add_args=add_args, args_to_overrides=to_overrides, preflight=validate)
+    main()

@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain.checkpoint import CheckpointError, export_encoder  # noqa: E402
+from rcmae.pretrain.checkpoint import CheckpointError, export_encoder
 
 
 def main(argv=None):

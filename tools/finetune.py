@@ -8,16 +8,18 @@
   python tools/finetune.py --config-file configs/finetune/rcmae_vit_base.yaml ... --slurm --nodes 4 --partition P
 """
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without install
+from rcmae.finetune.train import DEFAULTS, main as train, validate
+from rcmae.pretrain.config import config_path
+from rcmae.pretrain.launcher import run_cli
+from rcmae.pretrain.run import NonFiniteLossError
 
-from finetune.train import DEFAULTS, main, validate  # noqa: E402
-from pretrain.launcher import run_cli  # noqa: E402
-from pretrain.run import NonFiniteLossError  # noqa: E402
+
+def main(argv=None):
+    return run_cli(sys.argv[1:] if argv is None else argv,
+                   defaults=DEFAULTS, main=train, name="rcmae-finetune", description=__doc__,
+                   demo_config=config_path("finetune/demo.yaml"), errors=(NonFiniteLossError,), preflight=validate)
+
 
 if __name__ == "__main__":
-    run_cli(sys.argv[1:], defaults=DEFAULTS, main=main, name="vit-finetune", description=__doc__,
-            demo_config=ROOT / "configs" / "finetune" / "demo.yaml", errors=(NonFiniteLossError,),
-            preflight=validate)
+    main()

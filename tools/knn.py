@@ -7,14 +7,17 @@
       data.train_path=/imagenet/train data.val_path=/imagenet/val
 """
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without install
+from rcmae.finetune.knn_tool import DEFAULTS, main as knn, validate
+from rcmae.pretrain.config import config_path
+from rcmae.pretrain.launcher import run_cli
 
-from finetune.knn_tool import DEFAULTS, main, validate  # noqa: E402
-from pretrain.launcher import run_cli  # noqa: E402
+
+def main(argv=None):
+    return run_cli(sys.argv[1:] if argv is None else argv,
+                   defaults=DEFAULTS, main=knn, name="rcmae-knn", description=__doc__,
+                   demo_config=config_path("knn/demo.yaml"), preflight=validate)
+
 
 if __name__ == "__main__":
-    run_cli(sys.argv[1:], defaults=DEFAULTS, main=main, name="vit-knn", description=__doc__,
-            demo_config=ROOT / "configs" / "knn" / "demo.yaml", preflight=validate)
+    main()

@@ -11,12 +11,9 @@ ImageNet-C: see robustness/imagenet_c.py.
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from robustness.imagenet_c import make_imagenet_c  # noqa: E402
-from robustness.metrics import BENCHMARK, EXTRA, SEVERITIES  # noqa: E402
+from rcmae.robustness.imagenet_c import make_imagenet_c
+from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 
 
 def main(argv=None):

@@ -8,16 +8,18 @@
   python tools/pretrain.py --config-file ... --slurm --nodes 4 --gpus-per-node 8 --partition P --timeout 4320
 """
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without install
+from rcmae.pretrain.config import config_path
+from rcmae.pretrain.launcher import run_cli
+from rcmae.pretrain.run import NonFiniteLossError
+from rcmae.pretrain.train import DEFAULTS, main as train, validate
 
-from pretrain.launcher import run_cli  # noqa: E402
-from pretrain.run import NonFiniteLossError  # noqa: E402
-from pretrain.train import DEFAULTS, main, validate  # noqa: E402
+
+def main(argv=None):
+    return run_cli(sys.argv[1:] if argv is None else argv,
+                   defaults=DEFAULTS, main=train, name="rcmae-pretrain", description=__doc__,
+                   demo_config=config_path("pretrain/demo.yaml"), errors=(NonFiniteLossError,), preflight=validate)
+
 
 if __name__ == "__main__":
-    run_cli(sys.argv[1:], defaults=DEFAULTS, main=main, name="rcmae-pretrain", description=__doc__,
-            demo_config=ROOT / "configs" / "pretrain" / "demo.yaml", errors=(NonFiniteLossError,),
-            preflight=validate)
+    main()

@@ -12,19 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without install
+from detectron2.engine import default_argument_parser, launch as d2_launch
 
-from detectron2.engine import default_argument_parser, launch as d2_launch  # noqa: E402
+from rcmae.detection.data import DatasetError
+from rcmae.detection.preflight import check_run, load_config
+from rcmae.detection.train import main as train, run_job
+from rcmae.pretrain.checkpoint import CheckpointError
+from rcmae.pretrain.config import ConfigError, config_path
+from rcmae.pretrain.launcher import add_launch_args, launch, slurm_world_size
 
-from detection.data import DatasetError  # noqa: E402
-from detection.preflight import check_run, load_config  # noqa: E402
-from detection.train import main, run_job  # noqa: E402
-from pretrain.checkpoint import CheckpointError  # noqa: E402
-from pretrain.config import ConfigError  # noqa: E402
-from pretrain.launcher import add_launch_args, launch, slurm_world_size  # noqa: E402
-
-DEMO = ROOT / "configs" / "detection" / "demo_tiny.py"
+DEMO = config_path("detection/demo_tiny.py")
 
 
 def parse_args(argv=None):
@@ -71,9 +68,9 @@ def run(argv=None):
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
             return run_job({"args": vars(args), "train": {}})
         if args.num_gpus * args.num_machines <= 1:
-            result = main(args)
+            result = train(args)
         else:  # detectron2's launcher: one process per GPU on this machine
-            result = d2_launch(main, args.num_gpus, num_machines=args.num_machines,
+            result = d2_launch(train, args.num_gpus, num_machines=args.num_machines,
                                machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
     except (CheckpointError, ConfigError, DatasetError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -83,6 +80,8 @@ def run(argv=None):
             print(f"  {key:15s} {value}")
     return result
 
+
+main = run  # the console script's entry point
 
 if __name__ == "__main__":
     run()

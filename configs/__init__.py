@@ -1,0 +1,1 @@
+"""Shipped configs (package data), found by name: see ``rcmae.core.config.config_path``."""

@@ -28,11 +28,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-
-from rcmae.pretrain.engine import TrainStep, build_optimizer, mask_noise
-from rcmae.pretrain.models import ARCHS, build_mae
-from rcmae.pretrain.rcmae import RCMAE
-from rcmae.pretrain.run import AMP_DTYPES, resolve_precision
+from rcmae.core.engine import TrainStep
+from rcmae.core.run import AMP_DTYPES, resolve_precision
+from rcmae.core.vit import ARCHS
+from rcmae.pretrain.models import build_mae
+from rcmae.pretrain.rcmae import METRICS, RCMAE, build_optimizer, mask_noise
 from rcmae.pretrain.train import DEFAULTS
 
 OPTIM = DEFAULTS["optim"]
@@ -85,7 +85,8 @@ def bench_gamma(args, gamma: float, device: torch.device, amp_dtype, peak: float
     optimizer, _ = build_optimizer(model.student, OPTIM["weight_decay"], OPTIM["betas"], device.type)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
     forward = torch.compile(model) if args.compile else model
-    step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, None, scaler)
+    step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, None, scaler, on_update=model.update_teacher,
+                        metric_keys=METRICS)
     imgs = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     lr, momentum, step = OPTIM["base_lr"] * args.batch / 256, DEFAULTS["rcmae"]["momentum"], 0
 
@@ -98,7 +99,8 @@ def bench_gamma(args, gamma: float, device: torch.device, amp_dtype, peak: float
     # On CPU the fused attention kernel is not in the counter's table, so count the math path.
     with FlopCounterMode(display=False) as counter, \
             (sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else contextlib.nullcontext()):
-        run_step(TrainStep(model, model, optimizer, amp_dtype, device, None, scaler))
+        run_step(TrainStep(model, model, optimizer, amp_dtype, device, None, scaler, on_update=model.update_teacher,
+                           metric_keys=METRICS))
     flops = counter.get_total_flops()
 
     for _ in range(args.warmup):

@@ -15,7 +15,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from timm.layers import resample_patch_embed
 
-from rcmae.pretrain.checkpoint import CheckpointError, read_checkpoint
+from rcmae.core.checkpoint import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 

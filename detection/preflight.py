@@ -14,9 +14,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from rcmae.pretrain.config import ConfigError
-
-from .data import DatasetError, validate_coco_json
+from rcmae.core.config import ConfigError
+from rcmae.detection.data import DatasetError, validate_coco_json
 
 NEW_KEY_SECTIONS = ("datasets.",)  # overrides may add entries here; elsewhere a new key is a typo
 DEMO_DATA = "{demo}"  # stands for the coins set the run builds in its output directory

@@ -8,16 +8,15 @@ from pathlib import Path
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
-from detectron2.engine import (AMPTrainer, SimpleTrainer, create_ddp_model, default_setup,
-                               default_writers, hooks)
+from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .checkpoint import load_backbone, load_detector
-from .data import build_coins_dataset, register_coco
-from .evaluation import COCOEval, write_results
-from .preflight import DEMO_DATA, check_weights, load_config, path_datasets
+from rcmae.detection.checkpoint import load_backbone, load_detector
+from rcmae.detection.data import build_coins_dataset, register_coco
+from rcmae.detection.evaluation import COCOEval, write_results
+from rcmae.detection.preflight import DEMO_DATA, check_weights, load_config, path_datasets
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +179,7 @@ def run_job(job: dict) -> dict:
     per GPU), then ``main`` as detectron2's own launcher would run it."""
     import argparse
 
-    from rcmae.pretrain.distributed import init_distributed
+    from rcmae.core.distributed import init_distributed
 
     args = argparse.Namespace(**job["args"])
     args.resume = args.resume or job["train"].get("resume") == "auto"

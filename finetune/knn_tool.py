@@ -4,15 +4,12 @@ from __future__ import annotations
 import json
 import logging
 
-from rcmae.pretrain.checkpoint import check_checkpoint_option
-from rcmae.pretrain.data import check_folder_pair
-from rcmae.pretrain.models import check_arch
-from rcmae.pretrain.run import start_run
-from rcmae.pretrain.train import KNN_DEFAULTS
-
-from .data import labelled_eval_sets
-from .knn import knn_evaluate
-from .models import build_classifier, load_backbone
+from rcmae.core.checkpoint import check_checkpoint_option
+from rcmae.core.data import check_folder_pair, labelled_eval_sets
+from rcmae.core.knn import KNN_DEFAULTS, knn_evaluate
+from rcmae.core.run import start_run
+from rcmae.core.vit import build_classifier, check_arch
+from rcmae.finetune.models import load_backbone
 
 log = logging.getLogger(__name__)
 

@@ -2,30 +2,16 @@
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from rcmae.pretrain.checkpoint import CheckpointError, read_checkpoint
-from rcmae.pretrain.config import ConfigError
-from rcmae.pretrain.models import check_arch, is_encoder_key
+from rcmae.core.checkpoint import CheckpointError, read_checkpoint
+from rcmae.core.vit import is_encoder_key
 
 log = logging.getLogger(__name__)
-
-
-def build_classifier(arch: str, img_size: int, num_classes: int, global_pool: str = "avg",
-                     drop_path: float = 0.0) -> VisionTransformer:
-    """The timm model (``vit_base_patch16_224`` etc. for 224 px) with ``global_pool`` ``avg``
-    (patch-token mean + ``fc_norm``, no final ``norm``, as MAE fine-tunes) or ``token`` (cls)."""
-    if global_pool not in ("avg", "token"):
-        raise ConfigError(f"model.global_pool must be avg or token, got {global_pool!r}")
-    spec = check_arch(arch, img_size)
-    return VisionTransformer(img_size=img_size, num_classes=num_classes, global_pool=global_pool,
-                             drop_path_rate=drop_path, mlp_ratio=4.0, qkv_bias=True,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6), **spec)
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -13,19 +13,26 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars
 from tqdm import tqdm
 
-from rcmae.pretrain import checkpoint as ckpt
-from rcmae.pretrain.config import ConfigError
-from rcmae.pretrain.data import SeededImages, check_folder_pair, sample_seed, seeded, train_batches
-from rcmae.pretrain.distributed import all_gather_objects, barrier
-from rcmae.pretrain.engine import TrainStep, training_forward
-from rcmae.pretrain.models import check_arch
-from rcmae.pretrain.rcmae import lr_at
-from rcmae.pretrain.run import (MetricLogger, accumulation_steps, rng_state,
-                            set_rng_state, start_run, warn_config_changes)
-
-from .data import eval_dataset, labelled_images, labelled_pair, train_transform
-from .evaluate import evaluate, shard_loader
-from .models import build_classifier, classifier_state, init_head, linear_probe_head, load_backbone
+from rcmae.core import checkpoint as ckpt
+from rcmae.core.config import ConfigError
+from rcmae.core.data import (
+    SeededImages,
+    check_folder_pair,
+    eval_dataset,
+    labelled_images,
+    labelled_pair,
+    sample_seed,
+    seeded,
+    train_batches,
+)
+from rcmae.core.distributed import all_gather_objects, barrier
+from rcmae.core.engine import TrainStep, training_forward
+from rcmae.core.evaluate import evaluate, shard_loader
+from rcmae.core.run import MetricLogger, accumulation_steps, rng_state, set_rng_state, start_run, warn_config_changes
+from rcmae.core.schedules import lr_at
+from rcmae.core.vit import build_classifier, check_arch
+from rcmae.finetune.data import train_transform
+from rcmae.finetune.models import classifier_state, init_head, linear_probe_head, load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +215,7 @@ def main(cfg: dict) -> dict:
     stop_step = min(total_steps, t["stop_at_step"] or total_steps)
 
     forward = training_forward(ClassifierLoss(model, criterion), env.world_size, device, t["compile"])
-    step_fn = TrainStep(model, forward, optimizer, run.amp_dtype, device, o["clip_grad"], scaler,
-                        metric_keys=("loss",))
+    step_fn = TrainStep(model, forward, optimizer, run.amp_dtype, device, o["clip_grad"], scaler)
     workers = cfg["data"]["num_workers"]
     loader = train_batches(train_set, t["micro_batch"], accum, env.world_size, env.rank, t["seed"], step,
                            workers, device.type == "cuda")
@@ -221,7 +227,7 @@ def main(cfg: dict) -> dict:
              o["batch_size"], steps_per_epoch, total_steps, peak_lr, o["name"], run.precision)
 
     metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
-                           bool(o["clip_grad"]), keys=("loss",), prefix=mode)
+                           bool(o["clip_grad"]), prefix=mode)
     bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", file=sys.stdout,
                dynamic_ncols=True, mininterval=1.0)
 
@@ -263,7 +269,7 @@ def main(cfg: dict) -> dict:
             save_now = step == stop_step or (epoch_end and cfg["checkpoint"]["every_epochs"]
                                              and epoch % cfg["checkpoint"]["every_epochs"] == 0)
             if save_now or step % cfg["log"]["every_steps"] == 0:
-                record = metrics.flush(step, step / steps_per_epoch, lr, 0.0, env.is_main)
+                record = metrics.flush(step, step / steps_per_epoch, env.is_main, lr=lr)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
             evaluate_now = step == total_steps or (epoch_end and epoch % cfg["eval"]["every_epochs"] == 0)
             if evaluate_now:

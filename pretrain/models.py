@@ -14,42 +14,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-# Encoder sizes (micro: tests, mini: the CPU demo); `timm_name` is the timm model an exported
-# encoder loads into (224 px input).
-ARCHS = {
-    "vit_micro_patch8": dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, timm_name=None),
-    "vit_mini_patch8": dict(patch_size=8, embed_dim=128, depth=4, num_heads=4, timm_name=None),
-    "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                             timm_name="vit_tiny_patch16_224"),
-    "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                              timm_name="vit_small_patch16_224"),
-    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                             timm_name="vit_base_patch16_224"),
-    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                              timm_name="vit_large_patch16_224"),
-    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-                             timm_name="vit_huge_patch14_224"),
-}
-
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-
-
-def infer_arch(sd: dict, path: str) -> tuple[str, int]:
-    """(our arch name, input size) of a ViT state dict, read off its tensor shapes."""
-    try:
-        dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
-    except (KeyError, ValueError):
-        raise ValueError(f"{path}: not a ViT state dict (no cls_token / patch_embed / blocks / pos_embed)") from None
-    for name, spec in ARCHS.items():
-        if (spec["embed_dim"], spec["depth"], spec["patch_size"]) == (dim, depth, patch):
-            return name, grid * patch
-    raise ValueError(f"{path}: a ViT of width {dim}, depth {depth}, patch {patch} is none of ours ({', '.join(ARCHS)})")
-
-
-def is_encoder_key(key: str) -> bool:
-    return key.startswith(ENCODER_PREFIXES)
+from rcmae.core.vit import check_arch
 
 
 def sincos_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
@@ -193,20 +158,6 @@ class MaskedAutoencoderViT(nn.Module):
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return target
-
-
-def check_arch(arch: str, img_size: int) -> dict:
-    """The size spec of ``arch``; a ConfigError for an unknown name or an image size that is not a
-    multiple of its patch size."""
-    from .config import ConfigError
-
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown model.arch {arch!r}; choose one of {sorted(ARCHS)}")
-    spec = {k: v for k, v in ARCHS[arch].items() if k != "timm_name"}
-    if img_size % spec["patch_size"]:
-        raise ConfigError(f"model.img_size={img_size} is not a multiple of the patch size "
-                          f"{spec['patch_size']} of {arch}")
-    return spec
 
 
 def build_mae(arch: str, img_size: int = 224, decoder_embed_dim: int = 512, decoder_depth: int = 8,

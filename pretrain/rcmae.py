@@ -8,20 +8,15 @@ gamma = 0 builds no teacher: plain MAE at MAE's cost.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn
 
-from .models import MaskedAutoencoderViT, masked_mean, random_masking_ids
-
+from rcmae.core.schedules import momentum_at
+from rcmae.pretrain.models import MaskedAutoencoderViT, masked_mean, random_masking_ids
 
 MOMENTUM_SCHEDULES = ("cosine", "official")
-
-
-def momentum_at(step: int, total_steps: int, base: float) -> float:
-    """Entry ``step`` of a cosine from ``base`` (step 0) to 1 (step ``total_steps``)."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+METRICS = ("loss", "recon", "consistency")  # what RCMAE.forward reports each step
 
 
 def teacher_momenta(schedule: str, step: int, steps_per_epoch: int, total_steps: int, accum: int,
@@ -44,14 +39,6 @@ def teacher_momenta(schedule: str, step: int, steps_per_epoch: int, total_steps:
         first = (step % steps_per_epoch) * accum
         return [momentum_at(first + a, table, base) for a in range(accum)]
     raise ValueError(f"rcmae.momentum_schedule must be one of {MOMENTUM_SCHEDULES}, got {schedule!r}")
-
-
-def lr_at(step: int, warmup_steps: int, total_steps: int, peak: float, min_lr: float = 0.0) -> float:
-    """Per-iteration linear warmup from 0, then half-cycle cosine to ``min_lr``."""
-    if step < warmup_steps:
-        return peak * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class RCMAE(nn.Module):
@@ -98,3 +85,48 @@ class RCMAE(nn.Module):
         t = [p for p in self.teacher.parameters()]
         s = [p for p in self.student.parameters()]
         torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+TOKEN_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = True):
+    """AdamW groups of the official MAE / RC-MAE (timm 0.3.2 ``add_weight_decay``): no decay on
+    biases and 1-d tensors (norms); the tokens are decayed. ``decay_tokens=False`` also exempts
+    tokens and position embeddings (ours are fixed sin-cos, so only ``cls_token`` and ``mask_token``
+    change).
+
+    Returns the groups and the parameter names in the optimizer's order (saved in checkpoints;
+    with ``decay_tokens`` it is the official optimizer's order).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or (
+            not decay_tokens and name.split(".")[-1] in TOKEN_NAMES)
+        (no_decay if skip else decay).append((name, p))
+    groups = [{"params": [p for _, p in no_decay], "weight_decay": 0.0},
+              {"params": [p for _, p in decay], "weight_decay": weight_decay}]
+    return groups, [n for n, _ in no_decay] + [n for n, _ in decay]
+
+
+def build_optimizer(student: nn.Module, weight_decay: float, betas, device_type: str,
+                    decay_tokens: bool = True):
+    groups, names = param_groups(student, weight_decay, decay_tokens)
+    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), **fast), names
+
+
+def mask_noise(seed: int, step: int, global_batch: int, num_patches: int, device: torch.device,
+               different_teacher_mask: bool) -> torch.Tensor:
+    """Masking noise of a whole optimizer step, a function of (seed, step) only.
+
+    Shape (G, L), or (2, G, L) with the teacher's own noise second. Each process slices its
+    micro-batches out of it, so the masks do not depend on the number of processes.
+    """
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    shape = (2, global_batch, num_patches) if different_teacher_mask else (global_batch, num_patches)
+    return torch.rand(shape, generator=g, device=device)
+
+

@@ -8,21 +8,46 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from .config import ConfigError
-from .data import (SeededImages, SyntheticImages, build_demo_folder, check_folder_pair, image_folder_classes,
-                   list_images, pretrain_transform, train_batches)
-from .distributed import all_gather_objects, barrier
-from .engine import TrainStep, build_optimizer, mask_noise, param_groups, training_forward
-from .models import build_mae, check_arch, is_encoder_key
-from .rcmae import MOMENTUM_SCHEDULES, RCMAE, lr_at, teacher_momenta
-from .run import (AMP_DTYPES, MetricLogger, accumulation_steps, rng_state, set_rng_state, start_run,
-                  warn_config_changes)
-from .visualize import save_reconstruction
+from rcmae.core import checkpoint as ckpt
+from rcmae.core.config import ConfigError
+from rcmae.core.data import (
+    SeededImages,
+    SyntheticImages,
+    check_folder_pair,
+    image_folder_classes,
+    list_images,
+    train_batches,
+)
+from rcmae.core.demo_data import build_demo_folder
+from rcmae.core.distributed import all_gather_objects, barrier
+from rcmae.core.engine import TrainStep, training_forward
+from rcmae.core.knn import KNN_DEFAULTS
+from rcmae.core.run import (
+    AMP_DTYPES,
+    MetricLogger,
+    accumulation_steps,
+    rng_state,
+    set_rng_state,
+    start_run,
+    warn_config_changes,
+)
+from rcmae.core.schedules import lr_at
+from rcmae.core.vit import check_arch, is_encoder_key
+from rcmae.pretrain.data import pretrain_transform
+from rcmae.pretrain.models import build_mae
+from rcmae.pretrain.rcmae import (
+    METRICS,
+    MOMENTUM_SCHEDULES,
+    RCMAE,
+    build_optimizer,
+    mask_noise,
+    param_groups,
+    teacher_momenta,
+)
+from rcmae.pretrain.visualize import save_reconstruction
 
 log = logging.getLogger(__name__)
 
-KNN_DEFAULTS = {"k": 20, "temperature": 0.07, "pool": "cls", "batch_size": 256}
 # The RC-MAE ViT-B/16 recipe (configs/pretrain/rcmae_vit_base.yaml, which adds the official layout's
 # micro-batch): what a run without --config-file trains.
 DEFAULTS = {
@@ -135,15 +160,15 @@ def knn_datasets(cfg: dict, out_dir: Path, is_main: bool):
     knn = cfg["knn"]
     if not knn["every_epochs"]:
         return None
-    from rcmae.finetune.data import labelled_eval_sets  # downstream package, imported lazily
+    from rcmae.core.data import labelled_eval_sets  # downstream package, imported lazily
 
     return labelled_eval_sets(knn, out_dir, is_main, cfg["model"]["img_size"], "knn", "knn_demo_data")
 
 
 def knn_monitor(model: RCMAE, sets, cfg: dict, run) -> dict:
     """k-NN accuracy of the teacher's encoder (the student's for MAE), all processes taking part."""
-    from rcmae.finetune.knn import knn_evaluate
-    from rcmae.finetune.models import build_classifier
+    from rcmae.core.knn import knn_evaluate
+    from rcmae.core.vit import build_classifier
 
     source = model.teacher if model.teacher is not None else model.student
     backbone = build_classifier(cfg["model"]["arch"], cfg["model"]["img_size"], 0, "token")
@@ -183,7 +208,8 @@ def main(cfg: dict) -> dict:
     stop_step = min(total_steps, t["stop_at_step"] or total_steps)
 
     forward = training_forward(model, env.world_size, device, t["compile"])
-    step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, o["clip_grad"], scaler)
+    step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, o["clip_grad"], scaler,
+                        on_update=model.update_teacher, metric_keys=METRICS)
 
     batches = train_batches(dataset, t["micro_batch"], accum, env.world_size, env.rank, t["seed"],
                             start_step, cfg["data"]["num_workers"], device_type == "cuda")
@@ -199,7 +225,7 @@ def main(cfg: dict) -> dict:
              accum, global_batch, steps_per_epoch, total_steps, peak_lr, precision, device)
 
     metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
-                           bool(o["clip_grad"]))
+                           bool(o["clip_grad"]), keys=METRICS, prefix="pretrain")
     bar = tqdm(total=total_steps, initial=start_step, disable=not env.is_main, unit="step",
                dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     record, step = {}, start_step
@@ -241,7 +267,7 @@ def main(cfg: dict) -> dict:
                 (ck["every_steps"] and step % ck["every_steps"] == 0)
                 or (epoch_end and ck["every_epochs"] and epoch % ck["every_epochs"] == 0))
             if save_now or step % cfg["log"]["every_steps"] == 0:
-                record = metrics.flush(step, step / steps_per_epoch, lr, momenta[-1], env.is_main)
+                record = metrics.flush(step, step / steps_per_epoch, env.is_main, lr=lr, momentum=momenta[-1])
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
                                 img_s=f"{record['img_per_s']:.0f}")
                 log.info("step %d/%d %s", step, total_steps,

@@ -9,9 +9,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from .models import patchify, unpatchify  # noqa: E402
-from .rcmae import RCMAE  # noqa: E402
+from rcmae.core.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from rcmae.pretrain.models import patchify, unpatchify  # noqa: E402
+from rcmae.pretrain.rcmae import RCMAE  # noqa: E402
 
 
 def _to_pixels(pred: torch.Tensor, imgs: torch.Tensor, model: RCMAE) -> torch.Tensor:

@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from rcmae.finetune.data import DEMO_CLASSES, imagenet_wnids, labelled_dataset
-from rcmae.pretrain.data import SeededImages, image_folder_classes
-
-from .imagenet_c import make_imagenet_c
-from .metrics import BENCHMARK, EXTRA, SEVERITIES
+from rcmae.core.data import SeededImages, image_folder_classes, imagenet_wnids, labelled_dataset
+from rcmae.core.demo_data import DEMO_CLASSES
+from rcmae.robustness.imagenet_c import make_imagenet_c
+from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,21 @@ import logging
 import time
 from pathlib import Path
 
-from rcmae.finetune.evaluate import evaluate, shard_loader
-from rcmae.pretrain.checkpoint import check_checkpoint_option
-from rcmae.pretrain.config import ConfigError, load_config
-from rcmae.pretrain.distributed import all_gather_objects, barrier
-from rcmae.pretrain.run import setup_logging, start_run
-
-from .data import (build_demo_benchmarks, check_wnid_folder, class_mask, eval_set, imagenet_c_cells,
-                   stored_transform)
-from .metrics import BENCHMARK, EXTRA, SEVERITIES, corruption_errors
-from .models import PREPROCESSING, Classifier, load_classifier
+from rcmae.core.checkpoint import check_checkpoint_option
+from rcmae.core.config import ConfigError, load_config
+from rcmae.core.distributed import all_gather_objects, barrier
+from rcmae.core.evaluate import evaluate, shard_loader
+from rcmae.core.run import setup_logging, start_run
+from rcmae.robustness.data import (
+    build_demo_benchmarks,
+    check_wnid_folder,
+    class_mask,
+    eval_set,
+    imagenet_c_cells,
+    stored_transform,
+)
+from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES, corruption_errors
+from rcmae.robustness.models import PREPROCESSING, Classifier, load_classifier
 
 log = logging.getLogger(__name__)
 

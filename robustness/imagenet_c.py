@@ -60,9 +60,8 @@ from PIL import Image
 from torchvision import transforms
 from tqdm import tqdm
 
-from rcmae.finetune.data import labelled_images
-
-from .metrics import BENCHMARK, EXTRA, SEVERITIES
+from rcmae.core.data import labelled_images
+from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 
 JPEG_QUALITY = 85
 SEED_FILE = ".seed"  # in --out: the seed its images were made with

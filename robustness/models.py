@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from rcmae.finetune.models import build_classifier
-from rcmae.pretrain.checkpoint import CheckpointError, read_checkpoint
-from rcmae.pretrain.config import ConfigError
-from rcmae.pretrain.data import mae_eval_config
-from rcmae.pretrain.models import ARCHS, infer_arch
+from rcmae.core.checkpoint import CheckpointError, read_checkpoint
+from rcmae.core.config import ConfigError
+from rcmae.core.data import mae_eval_config
+from rcmae.core.vit import ARCHS, build_classifier, infer_arch
 
 PREPROCESSING = ("auto", "mae", "timm")
 

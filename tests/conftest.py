@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from rcmae.pretrain.config import load_config
+from rcmae.core.config import load_config
 from rcmae.pretrain.train import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def make_imagenet(root: Path, per_class: int = 4, size: int = 48) -> Path:
     import skimage.data
     from PIL import Image
 
-    from rcmae.finetune.data import DEMO_CLASSES
+    from rcmae.core.demo_data import DEMO_CLASSES
 
     rng = np.random.default_rng(0)
     for name, wnid in DEMO_CLASSES.items():

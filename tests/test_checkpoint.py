@@ -6,9 +6,9 @@ import timm.data
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from rcmae.pretrain import checkpoint as ck
-from rcmae.pretrain.engine import build_optimizer
+from rcmae.core import checkpoint as ck
 from rcmae.pretrain.models import build_mae, random_masking_ids
+from rcmae.pretrain.rcmae import build_optimizer
 
 
 def micro():

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from rcmae.pretrain.config import ConfigError, load_config
+from rcmae.core.config import ConfigError, load_config
 from rcmae.pretrain.train import DEFAULTS, validate
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
@@ -73,7 +73,7 @@ def test_model_size_checks(imagenet):
 
 
 def test_dataset_root_instead_of_train_split_is_refused(tmp_path):
-    from rcmae.pretrain.data import list_images
+    from rcmae.core.data import list_images
 
     for split in ("train", "val"):
         (tmp_path / split / "n01440764").mkdir(parents=True)

@@ -7,19 +7,18 @@ import torch
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
+from conftest import ROOT  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 from timm.layers import resample_patch_embed  # noqa: E402
 
+from rcmae.core import checkpoint as ck  # noqa: E402
 from rcmae.detection.checkpoint import convert_to_detectron2, load_backbone  # noqa: E402
 from rcmae.detection.data import DatasetError, build_coins_dataset, register_coco, validate_coco_json  # noqa: E402
 from rcmae.detection.evaluation import COCOEval  # noqa: E402
-from rcmae.pretrain import checkpoint as ck  # noqa: E402
 from rcmae.pretrain.models import build_mae  # noqa: E402
-
-from conftest import ROOT  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "detection"
 

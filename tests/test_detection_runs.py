@@ -13,21 +13,19 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
+from conftest import ROOT  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
+from rcmae.core import checkpoint as ck  # noqa: E402
+from rcmae.core.config import ConfigError  # noqa: E402
 from rcmae.detection.checkpoint import load_detector  # noqa: E402
 from rcmae.detection.data import build_coins_dataset, register_coco  # noqa: E402
 from rcmae.detection.preflight import load_config, unknown_arguments  # noqa: E402
 from rcmae.detection.train import do_test, main  # noqa: E402
-from rcmae.pretrain import checkpoint as ck  # noqa: E402
-from rcmae.pretrain.config import ConfigError  # noqa: E402
 from rcmae.pretrain.models import build_mae  # noqa: E402
-
-from conftest import ROOT  # noqa: E402
-
 from rcmae.tools import train_det  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "detection"

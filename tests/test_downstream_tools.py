@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rcmae.finetune import knn_tool
-from rcmae.pretrain.config import load_config
-from rcmae.pretrain.train import main as pretrain_main
-
 from conftest import ROOT, micro_config
+
+from rcmae.core.config import load_config
+from rcmae.finetune import knn_tool
+from rcmae.pretrain.train import main as pretrain_main
 
 CONFIGS = ROOT / "configs"
 

@@ -9,13 +9,13 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch.utils.data import Dataset
 
-from rcmae.finetune.evaluate import evaluate, shard_loader
-from rcmae.finetune.knn import gather_in_order, knn_classify
-from rcmae.finetune.models import (build_classifier, classifier_state, interpolate_pos_embed,
-                             linear_probe_head, load_backbone)
+from rcmae.core import checkpoint as ck
+from rcmae.core.config import load_config
+from rcmae.core.evaluate import evaluate, shard_loader
+from rcmae.core.knn import gather_in_order, knn_classify
+from rcmae.core.vit import build_classifier
+from rcmae.finetune.models import classifier_state, interpolate_pos_embed, linear_probe_head, load_backbone
 from rcmae.finetune.train import DEFAULTS, main
-from rcmae.pretrain import checkpoint as ck
-from rcmae.pretrain.config import load_config
 from rcmae.pretrain.models import build_mae
 
 

@@ -5,12 +5,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from rcmae.robustness.imagenet_c import (ELASTIC, FROST_FILES, JPEG_QUALITY, elastic_transform, frost, frost_image,
-                                   make_imagenet_c)
-
-from conftest import ROOT
+from rcmae.robustness.imagenet_c import (
+    ELASTIC,
+    FROST_FILES,
+    JPEG_QUALITY,
+    elastic_transform,
+    frost,
+    frost_image,
+    make_imagenet_c,
+)
 
 # Every corruption with random draws that the tests exercise, each of the fork's generators among them:
 # NumPy's global state (gaussian / shot / speckle noise, spatter), numba's (glass_blur), skimage's

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rcmae.pretrain.checkpoint import find_last_checkpoint, read_checkpoint
-from rcmae.pretrain.distributed import DistEnv, env_from_variables
-from rcmae.pretrain.launcher import add_launch_args, launch
-from rcmae.pretrain.train import main
-
 from conftest import ROOT, micro_config
+
+from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
+from rcmae.core.distributed import DistEnv, env_from_variables
+from rcmae.core.launcher import add_launch_args, launch
+from rcmae.pretrain.train import main
 from rcmae.tools import export_encoder as export_tool
 
 

@@ -3,10 +3,9 @@ import math
 import pytest
 import torch
 
-from rcmae.pretrain.engine import param_groups
-from rcmae.pretrain.models import (build_mae, masked_mean, patchify, random_masking_ids, sincos_pos_embed,
-                             unpatchify)
-from rcmae.pretrain.rcmae import RCMAE, lr_at, momentum_at
+from rcmae.core.schedules import lr_at, momentum_at
+from rcmae.pretrain.models import build_mae, masked_mean, patchify, random_masking_ids, sincos_pos_embed, unpatchify
+from rcmae.pretrain.rcmae import RCMAE, param_groups
 
 
 def micro(**kw):

@@ -10,10 +10,9 @@ import pytest
 import timm
 import torch
 import yaml
-
-from rcmae.pretrain.checkpoint import find_last_checkpoint, read_checkpoint
-
 from conftest import ROOT
+
+from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 
 # model and schedule shrunk; everything else is the recipe the command names
 TINY_PRETRAIN = ["model.arch=vit_micro_patch8", "model.img_size=32", "model.decoder_dim=32", "model.decoder_depth=1",
@@ -127,8 +126,8 @@ def test_export_commands(tmp_path, pretrained):
 def test_robustness_under_torchrun(tmp_path, imagenet):
     """``torchrun --nproc-per-node 8 tools/eval_robustness.py --checkpoint ... --imagenet-val ...`` with 2
     processes counts every image once, as 1 process does."""
-    from rcmae.finetune.models import build_classifier
-    from rcmae.pretrain import checkpoint as ck
+    from rcmae.core import checkpoint as ck
+    from rcmae.core.vit import build_classifier
 
     model = build_classifier("vit_micro_patch8", 32, 1000, "avg")
     torch.save({"format": ck.CLASSIFIER_FORMAT, "model": model.state_dict(), "arch": "vit_micro_patch8",

@@ -8,21 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
-from rcmae.finetune.data import eval_transform
-from rcmae.pretrain.data import eval_crop_pct
-from rcmae.finetune.models import build_classifier
+from rcmae.core.config import ConfigError, load_config
+from rcmae.core.data import eval_crop_pct, eval_transform
+from rcmae.core.engine import TrainStep
+from rcmae.core.vit import build_classifier
 from rcmae.finetune.train import DEFAULTS as FT_DEFAULTS
 from rcmae.finetune.train import LINPROBE_DEFAULTS
 from rcmae.finetune.train import build_optimizer as build_ft_optimizer
-from rcmae.pretrain.config import ConfigError, load_config
-from rcmae.pretrain.engine import TrainStep, build_optimizer, mask_noise
 from rcmae.pretrain.models import build_mae
-from rcmae.pretrain.rcmae import RCMAE, teacher_momenta
+from rcmae.pretrain.rcmae import RCMAE, build_optimizer, mask_noise, teacher_momenta
 from rcmae.pretrain.train import DEFAULTS as PT_DEFAULTS
 from rcmae.pretrain.train import validate
-
-from conftest import ROOT
 
 RC = "youngwanLEE/rc-mae"
 MAE = "facebookresearch/mae"
@@ -190,7 +188,7 @@ def test_official_schedule_reproduces_the_official_loop():
     def ours(schedule):
         model = micro_rcmae()
         step_fn = TrainStep(model, model, torch.optim.SGD(model.student.parameters(), lr=lr), None,
-                            torch.device("cpu"))
+                            torch.device("cpu"), on_update=model.update_teacher)
         for step in range(total):
             batches = [(imgs[step * accum + k], noise[step][k * micro:(k + 1) * micro]) for k in range(accum)]
             step_fn(batches, lr, teacher_momenta(schedule, step, steps_per_epoch, total, accum, base))
@@ -265,7 +263,7 @@ def test_eval_crop_follows_mae():
 def test_tool_defaults_are_the_vit_base_recipe(defaults, config):
     """A call without --config-file trains the published ViT-B recipe (only where the outputs go and
     the per-process micro-batch may differ)."""
-    from rcmae.pretrain.config import flatten
+    from rcmae.core.config import flatten
 
     recipe = flatten(load_config(defaults, ROOT / "configs" / config))
     own = flatten(load_config(defaults))

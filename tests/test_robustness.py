@@ -7,19 +7,18 @@ import pytest
 import timm.data
 import torch
 import torch.multiprocessing as mp
+from conftest import ROOT
 from PIL import Image
 
-from rcmae.finetune.data import imagenet_wnids
-from rcmae.finetune.models import build_classifier
-from rcmae.pretrain import checkpoint as ck
-from rcmae.pretrain.config import load_config
+from rcmae.core import checkpoint as ck
+from rcmae.core.config import load_config
+from rcmae.core.data import imagenet_wnids
+from rcmae.core.vit import build_classifier
 from rcmae.pretrain.models import build_mae
 from rcmae.robustness.data import class_mask
 from rcmae.robustness.evaluate import DEFAULTS, main
-from rcmae.robustness.models import load_classifier
 from rcmae.robustness.metrics import ALEXNET_CLEAN_ERR, ALEXNET_ERR, ALEXNET_ERR_EXTRA, SEVERITIES, corruption_errors
-
-from conftest import ROOT
+from rcmae.robustness.models import load_classifier
 
 INFO = Path(timm.data.__file__).parent / "_info"
 

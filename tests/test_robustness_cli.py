@@ -11,15 +11,14 @@ import pytest
 import timm
 import timm.data
 import torch
+from conftest import ROOT
 from PIL import Image
 
-from rcmae.finetune.data import imagenet_wnids
-from rcmae.finetune.models import build_classifier
-from rcmae.pretrain import checkpoint as ck
-from rcmae.pretrain.config import ConfigError, load_config
+from rcmae.core import checkpoint as ck
+from rcmae.core.config import ConfigError, load_config
+from rcmae.core.data import imagenet_wnids
+from rcmae.core.vit import build_classifier
 from rcmae.robustness.evaluate import DEFAULTS, RESULTS, main
-
-from conftest import ROOT
 
 IN_A = ["n01498041", "n02123394"]  # stingray, Persian cat: ImageNet-A classes
 

@@ -5,13 +5,12 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import micro_config
 from PIL import Image
 
-from rcmae.pretrain.checkpoint import find_last_checkpoint, list_checkpoints, read_checkpoint
-from rcmae.pretrain.run import NonFiniteLossError
+from rcmae.core.checkpoint import find_last_checkpoint, list_checkpoints, read_checkpoint
+from rcmae.core.run import NonFiniteLossError
 from rcmae.pretrain.train import main
-
-from conftest import micro_config
 
 
 def weights(out_dir):

@@ -16,9 +16,10 @@ A rerun with the same --output skips what results.jsonl already holds (--no-resu
 import argparse
 import sys
 
-from rcmae.pretrain.config import config_path
-from rcmae.pretrain.launcher import run_cli
-from rcmae.robustness.evaluate import DATASETS, DEFAULTS, main as evaluate, validate
+from rcmae.core.config import config_path
+from rcmae.core.launcher import run_cli
+from rcmae.robustness.evaluate import DATASETS, DEFAULTS, validate
+from rcmae.robustness.evaluate import main as evaluate
 
 FLAGS = {"checkpoint": "model.checkpoint", "model": "model.arch", "img_size": "model.img_size",
          "preprocessing": "model.preprocessing", "output": "train.output_dir", "batch_size": "data.batch_size",

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from rcmae.pretrain.checkpoint import CheckpointError, export_encoder
+from rcmae.core.checkpoint import CheckpointError, export_encoder
 
 
 def main(argv=None):

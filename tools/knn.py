@@ -8,9 +8,10 @@
 """
 import sys
 
-from rcmae.finetune.knn_tool import DEFAULTS, main as knn, validate
-from rcmae.pretrain.config import config_path
-from rcmae.pretrain.launcher import run_cli
+from rcmae.core.config import config_path
+from rcmae.core.launcher import run_cli
+from rcmae.finetune.knn_tool import DEFAULTS, validate
+from rcmae.finetune.knn_tool import main as knn
 
 
 def main(argv=None):

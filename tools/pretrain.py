@@ -9,10 +9,11 @@
 """
 import sys
 
-from rcmae.pretrain.config import config_path
-from rcmae.pretrain.launcher import run_cli
-from rcmae.pretrain.run import NonFiniteLossError
-from rcmae.pretrain.train import DEFAULTS, main as train, validate
+from rcmae.core.config import config_path
+from rcmae.core.launcher import run_cli
+from rcmae.core.run import NonFiniteLossError
+from rcmae.pretrain.train import DEFAULTS, validate
+from rcmae.pretrain.train import main as train
 
 
 def main(argv=None):

@@ -12,14 +12,16 @@ import os
 import sys
 from pathlib import Path
 
-from detectron2.engine import default_argument_parser, launch as d2_launch
+from detectron2.engine import default_argument_parser
+from detectron2.engine import launch as d2_launch
 
+from rcmae.core.checkpoint import CheckpointError
+from rcmae.core.config import ConfigError, config_path
+from rcmae.core.launcher import add_launch_args, launch, slurm_world_size
 from rcmae.detection.data import DatasetError
 from rcmae.detection.preflight import check_run, load_config
-from rcmae.detection.train import main as train, run_job
-from rcmae.pretrain.checkpoint import CheckpointError
-from rcmae.pretrain.config import ConfigError, config_path
-from rcmae.pretrain.launcher import add_launch_args, launch, slurm_world_size
+from rcmae.detection.train import main as train
+from rcmae.detection.train import run_job
 
 DEMO = config_path("detection/demo_tiny.py")
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Sampler
-
 from tqdm import tqdm
 
-from rcmae.pretrain.distributed import all_reduce, world_rank
+from rcmae.core.distributed import all_reduce, world_rank
 
 
 class ShardSampler(Sampler):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .data import mae_eval_config
-from .models import ARCHS, infer_arch, is_encoder_key
+from rcmae.core.data import mae_eval_config
+from rcmae.core.vit import ARCHS, infer_arch, is_encoder_key
 
 log = logging.getLogger(__name__)
 

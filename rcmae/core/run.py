@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, flatten, save_config
-from .distributed import DistEnv, all_reduce, barrier, init_distributed, world_size
+from rcmae.core.config import ConfigError, flatten, save_config
+from rcmae.core.distributed import DistEnv, all_reduce, barrier, init_distributed, world_size
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class MetricLogger:
     NO_BAD_STEP = 2 ** 62
 
     def __init__(self, device, out_dir: Path | None, tensorboard: bool, log_grad_norm: bool,
-                 keys=("loss", "recon", "consistency"), prefix: str = "pretrain"):
+                 keys=("loss",), prefix: str = "train"):
         self.device, self.log_grad_norm, self.prefix = device, log_grad_norm, prefix
         self.keys = (*keys, "grad_norm")  # grad_norm: with optim.clip_grad only
         self.jsonl = open(out_dir / "metrics.jsonl", "a") if out_dir else None
@@ -125,8 +125,9 @@ class MetricLogger:
         self.skipped += skipped
         self.images += images
 
-    def flush(self, step: int, epoch: float, lr: float, momentum: float, is_main: bool) -> dict:
-        """Reduce over processes; raise if a loss was not finite; write the log line."""
+    def flush(self, step: int, epoch: float, is_main: bool, **scalars: float) -> dict:
+        """Reduce over processes; raise if a loss was not finite; write the log line (with the
+        caller's ``scalars``, e.g. the lr)."""
         world = world_size()
         totals = all_reduce(torch.cat([self.sums, torch.tensor(
             [self.steps, self.skipped], dtype=torch.float32, device=self.device)]))
@@ -139,7 +140,7 @@ class MetricLogger:
         values = totals.tolist()
         steps = max(values[-2], 1)  # steps x processes
         elapsed = time.perf_counter() - self.t0
-        record = {"step": step, "epoch": round(epoch, 4), "lr": lr, "momentum": momentum}
+        record = {"step": step, "epoch": round(epoch, 4), **scalars}
         record.update({k: v / steps for k, v in zip(self.keys, values)
                        if k != "grad_norm" or self.log_grad_norm})
         record["skipped_images"] = int(values[-1])

@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import find_last_checkpoint
-from .config import ConfigError
+from rcmae.core.checkpoint import find_last_checkpoint
+from rcmae.core.config import ConfigError
 
 
 def add_launch_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def slurm_world_size(args: argparse.Namespace) -> int:
 
 def run_main(main: Callable[[dict], dict], cfg: dict) -> dict:
     """``main(cfg)``, then leave the process group (a main may call another: the demos do)."""
-    from .distributed import cleanup
+    from rcmae.core.distributed import cleanup
 
     try:
         return main(cfg)
@@ -161,8 +161,8 @@ def run_cli(argv, *, defaults: dict, main: Callable[[dict], dict], demo_config: 
     """
     import sys
 
-    from .checkpoint import CheckpointError
-    from .config import ConfigError, load_config
+    from rcmae.core.checkpoint import CheckpointError
+    from rcmae.core.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rcmae.pretrain.distributed import world_size
+from rcmae.core.distributed import world_size
 
 
 @torch.no_grad()
@@ -72,7 +72,7 @@ def knn_classify(train_feats, train_labels, val_feats, val_labels, num_classes: 
 def knn_evaluate(backbone, train_set, val_set, num_classes: int, device, amp_dtype, knn: dict,
                  world: int, rank: int, num_workers: int) -> dict:
     """Features of both sets (sharded, gathered exactly) and the weighted k-NN accuracy."""
-    from .evaluate import shard_loader
+    from rcmae.core.evaluate import shard_loader
 
     out = []
     for dataset in (train_set, val_set):
@@ -80,3 +80,8 @@ def knn_evaluate(backbone, train_set, val_set, num_classes: int, device, amp_dty
         out.append(gather_in_order(*extract_features(backbone, loader, device, amp_dtype, knn["pool"])))
     (train_f, train_y), (val_f, val_y) = out
     return knn_classify(train_f, train_y, val_f, val_y, num_classes, knn["k"], knn["temperature"])
+
+
+KNN_DEFAULTS = {"k": 20, "temperature": 0.07, "pool": "cls", "batch_size": 256}
+
+

@@ -12,7 +12,6 @@ from typing import Any, Iterable
 
 import yaml
 
-
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 

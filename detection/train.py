@@ -106,8 +106,8 @@ def setup(args):
         cfg.train.device = "cpu"
         cfg.train.amp.enabled = False
     default_setup(cfg, args)  # logging, seeds, environment info, output_dir/config.yaml
-    for name in ("detection", "pretrain"):  # our loggers, into the same log.txt and console
-        setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name=name)
+    # our loggers (all under "rcmae"), into the same log.txt and console
+    setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="rcmae")
     return cfg
 
 

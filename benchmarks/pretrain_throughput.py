@@ -31,9 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from rcmae.core.engine import TrainStep
 from rcmae.core.run import AMP_DTYPES, resolve_precision
 from rcmae.core.vit import ARCHS
+from rcmae.pretrain.defaults import DEFAULTS
 from rcmae.pretrain.models import build_mae
 from rcmae.pretrain.rcmae import METRICS, RCMAE, build_optimizer, mask_noise
-from rcmae.pretrain.train import DEFAULTS
 
 OPTIM = DEFAULTS["optim"]
 SEED = 0

@@ -15,7 +15,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from timm.layers import resample_patch_embed
 
-from rcmae.core.checkpoint import CheckpointError, read_checkpoint
+from rcmae.core.checkpoint import read_checkpoint
+from rcmae.core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

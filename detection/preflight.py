@@ -14,7 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from rcmae.core.config import ConfigError
+from rcmae.core.errors import ConfigError
 from rcmae.detection.data import DatasetError, validate_coco_json
 
 NEW_KEY_SECTIONS = ("datasets.",)  # overrides may add entries here; elsewhere a new key is a typo

@@ -6,21 +6,12 @@ import logging
 
 from rcmae.core.checkpoint import check_checkpoint_option
 from rcmae.core.data import check_folder_pair, labelled_eval_sets
-from rcmae.core.knn import KNN_DEFAULTS, knn_evaluate
+from rcmae.core.knn import knn_evaluate
 from rcmae.core.run import start_run
 from rcmae.core.vit import build_classifier, check_arch
 from rcmae.finetune.models import load_backbone
 
 log = logging.getLogger(__name__)
-
-DEFAULTS = {
-    "model": {"arch": "vit_base_patch16", "img_size": 224},
-    "init": {"checkpoint": None, "which": "auto"},
-    "data": {"source": "folder", "train_path": None, "val_path": None, "label_space": "folder",
-             "num_workers": 10, "crop_pct": None},
-    "knn": dict(KNN_DEFAULTS),
-    "train": {"output_dir": "output/knn", "precision": "auto", "device": "auto"},
-}
 
 
 def validate(cfg: dict, world: int) -> None:

@@ -8,7 +8,8 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from rcmae.core.checkpoint import CheckpointError, read_checkpoint
+from rcmae.core.checkpoint import read_checkpoint
+from rcmae.core.errors import CheckpointError
 from rcmae.core.vit import is_encoder_key
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ from timm.optim import Lars
 from tqdm import tqdm
 
 from rcmae.core import checkpoint as ckpt
-from rcmae.core.config import ConfigError
 from rcmae.core.data import (
     SeededImages,
     check_folder_pair,
@@ -27,6 +26,7 @@ from rcmae.core.data import (
 )
 from rcmae.core.distributed import all_gather_objects, barrier
 from rcmae.core.engine import TrainStep, training_forward
+from rcmae.core.errors import ConfigError
 from rcmae.core.evaluate import evaluate, shard_loader
 from rcmae.core.run import MetricLogger, accumulation_steps, rng_state, set_rng_state, start_run, warn_config_changes
 from rcmae.core.schedules import lr_at
@@ -35,39 +35,6 @@ from rcmae.finetune.data import train_transform
 from rcmae.finetune.models import classifier_state, init_head, linear_probe_head, load_backbone
 
 log = logging.getLogger(__name__)
-
-# MAE's (and RC-MAE's) ViT-B/16 fine-tuning recipe (configs/finetune/{mae,rcmae}_vit_base.yaml): what
-# tools/finetune.py runs without --config-file.
-DEFAULTS = {
-    "model": {"arch": "vit_base_patch16", "img_size": 224, "global_pool": "avg", "drop_path": 0.1,
-              "head_init_std": 2.0e-5},
-    "init": {"checkpoint": None, "which": "auto"},
-    "data": {"source": "folder", "train_path": None, "val_path": None, "label_space": "folder",
-             "num_workers": 10, "crop_pct": None},
-    "aug": {"rand_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0,
-            "smoothing": 0.1},
-    "optim": {"name": "adamw", "batch_size": 1024, "base_lr": 5.0e-4, "lr": None, "min_lr": 1.0e-6,
-              "weight_decay": 0.05, "layer_decay": 0.65, "betas": [0.9, 0.999], "momentum": 0.9,
-              "epochs": 100, "warmup_epochs": 5, "clip_grad": None},
-    "train": {"mode": "finetune", "output_dir": "output/finetune", "micro_batch": 128,
-              "precision": "auto", "device": "auto", "compile": False, "seed": 0, "resume": "auto",
-              "stop_at_step": None},
-    "eval": {"every_epochs": 1, "batch_size": 256},
-    "checkpoint": {"every_epochs": 1, "keep": 1},
-    "log": {"every_steps": 20, "tensorboard": False},
-}
-
-
-# MAE's linear-probing recipe for ViT-B (configs/linprobe/vit_base.yaml): what tools/linprobe.py runs
-# without --config-file.
-LINPROBE_DEFAULTS = {
-    **DEFAULTS,
-    "model": {**DEFAULTS["model"], "global_pool": "token", "drop_path": 0.0},
-    "aug": {"rand_augment": None, "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0},
-    "optim": {**DEFAULTS["optim"], "name": "lars", "batch_size": 16384, "base_lr": 0.1, "min_lr": 0.0,
-              "weight_decay": 0.0, "epochs": 90, "warmup_epochs": 10},
-    "train": {**DEFAULTS["train"], "mode": "linprobe", "output_dir": "output/linprobe", "micro_batch": 512},
-}
 
 
 class ClassifierLoss(nn.Module):

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from rcmae.core.checkpoint import check_checkpoint_option
-from rcmae.core.config import ConfigError, load_config
+from rcmae.core.config import load_config
 from rcmae.core.distributed import all_gather_objects, barrier
+from rcmae.core.errors import ConfigError
 from rcmae.core.evaluate import evaluate, shard_loader
 from rcmae.core.run import setup_logging, start_run
 from rcmae.robustness.data import (
@@ -26,23 +27,12 @@ from rcmae.robustness.data import (
     imagenet_c_cells,
     stored_transform,
 )
+from rcmae.robustness.defaults import DATASETS
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES, corruption_errors
 from rcmae.robustness.models import PREPROCESSING, Classifier, load_classifier
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {
-    # arch / img_size: read from the checkpoint where it tells them (ours, MAE); a timm model name
-    # for timm state dicts. preprocessing: auto (follows the weights) | mae | timm
-    "model": {"checkpoint": None, "arch": None, "img_size": None, "preprocessing": "auto"},
-    # source: folder (the benchmark folders below) | demo (tiny trees built from real photos)
-    "data": {"source": "folder", "imagenet_val": None, "imagenet_c": None, "imagenet_a": None,
-             "imagenet_r": None, "imagenet_sketch": None, "imagenet_c_resize": False, "crop_pct": None,
-             "batch_size": 128, "num_workers": 8},
-    # resume: auto (skip what results.jsonl holds) | none (evaluate everything again)
-    "train": {"output_dir": "output/robustness", "device": "auto", "precision": "auto", "resume": "auto"},
-}
-DATASETS = ("imagenet_val", "imagenet_c", "imagenet_a", "imagenet_r", "imagenet_sketch")
 LABELS = {"imagenet_val": "ImageNet val", "imagenet_a": "ImageNet-A", "imagenet_r": "ImageNet-R",
           "imagenet_sketch": "ImageNet-Sketch"}
 RESULTS = "results.jsonl"
@@ -82,7 +72,7 @@ def validate(cfg: dict, world: int = 1) -> None:
 def demo_inputs(cfg: dict, run) -> dict:
     """The demo: tiny benchmark trees from real photos and, without a checkpoint, the fine-tuning
     demo's classifier."""
-    from rcmae.finetune.train import DEFAULTS as FT_DEFAULTS
+    from rcmae.finetune.defaults import DEFAULTS as FT_DEFAULTS
     from rcmae.finetune.train import main as finetune
 
     root = run.out_dir / "demo_data"

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from rcmae.core.checkpoint import CheckpointError, read_checkpoint
-from rcmae.core.config import ConfigError
+from rcmae.core.checkpoint import read_checkpoint
 from rcmae.core.data import mae_eval_config
+from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.vit import ARCHS, build_classifier, infer_arch
 
 PREPROCESSING = ("auto", "mae", "timm")

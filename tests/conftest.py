@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from rcmae.core.config import load_config
-from rcmae.pretrain.train import DEFAULTS
+from rcmae.pretrain.defaults import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 

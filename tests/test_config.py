@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from rcmae.core.config import ConfigError, load_config
-from rcmae.pretrain.train import DEFAULTS, validate
+from rcmae.core.config import load_config
+from rcmae.core.errors import ConfigError
+from rcmae.pretrain.defaults import DEFAULTS
+from rcmae.pretrain.train import validate
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
 

@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 from rcmae.core import checkpoint as ck  # noqa: E402
-from rcmae.core.config import ConfigError  # noqa: E402
+from rcmae.core.errors import ConfigError  # noqa: E402
 from rcmae.detection.checkpoint import load_detector  # noqa: E402
 from rcmae.detection.data import build_coins_dataset, register_coco  # noqa: E402
 from rcmae.detection.preflight import load_config, unknown_arguments  # noqa: E402

@@ -10,6 +10,7 @@ from conftest import ROOT, micro_config
 
 from rcmae.core.config import load_config
 from rcmae.finetune import knn_tool
+from rcmae.finetune.defaults import KNN_TOOL_DEFAULTS
 from rcmae.pretrain.train import main as pretrain_main
 
 CONFIGS = ROOT / "configs"
@@ -49,7 +50,7 @@ def test_knn_tool_and_pretraining_monitor_agree(tmp_path):
                                                         "knn.source=demo", "knn.batch_size=16"]))
     monitor = [json.loads(x) for x in Path(out["metrics"]).read_text().splitlines() if "knn_top1" in x]
     assert len(monitor) == 1 and monitor[0]["knn_n"] == 32
-    cfg = load_config(knn_tool.DEFAULTS, None, [
+    cfg = load_config(KNN_TOOL_DEFAULTS, None, [
         "model.arch=vit_micro_patch8", "model.img_size=32", f"init.checkpoint={out['checkpoint']}",
         f"data.train_path={tmp_path / 'pre' / 'knn_demo_data' / 'train'}",
         f"data.val_path={tmp_path / 'pre' / 'knn_demo_data' / 'val'}", "data.label_space=imagenet1k",

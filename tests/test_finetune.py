@@ -14,8 +14,9 @@ from rcmae.core.config import load_config
 from rcmae.core.evaluate import evaluate, shard_loader
 from rcmae.core.knn import gather_in_order, knn_classify
 from rcmae.core.vit import build_classifier
+from rcmae.finetune.defaults import DEFAULTS
 from rcmae.finetune.models import classifier_state, interpolate_pos_embed, linear_probe_head, load_backbone
-from rcmae.finetune.train import DEFAULTS, main
+from rcmae.finetune.train import main
 from rcmae.pretrain.models import build_mae
 
 

@@ -10,16 +10,17 @@ import pytest
 import torch
 from conftest import ROOT
 
-from rcmae.core.config import ConfigError, load_config
+from rcmae.core.config import load_config
 from rcmae.core.data import eval_crop_pct, eval_transform
 from rcmae.core.engine import TrainStep
+from rcmae.core.errors import ConfigError
 from rcmae.core.vit import build_classifier
-from rcmae.finetune.train import DEFAULTS as FT_DEFAULTS
-from rcmae.finetune.train import LINPROBE_DEFAULTS
+from rcmae.finetune.defaults import DEFAULTS as FT_DEFAULTS
+from rcmae.finetune.defaults import LINPROBE_DEFAULTS
 from rcmae.finetune.train import build_optimizer as build_ft_optimizer
+from rcmae.pretrain.defaults import DEFAULTS as PT_DEFAULTS
 from rcmae.pretrain.models import build_mae
 from rcmae.pretrain.rcmae import RCMAE, build_optimizer, mask_noise, teacher_momenta
-from rcmae.pretrain.train import DEFAULTS as PT_DEFAULTS
 from rcmae.pretrain.train import validate
 
 RC = "youngwanLEE/rc-mae"

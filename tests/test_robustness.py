@@ -16,7 +16,8 @@ from rcmae.core.data import imagenet_wnids
 from rcmae.core.vit import build_classifier
 from rcmae.pretrain.models import build_mae
 from rcmae.robustness.data import class_mask
-from rcmae.robustness.evaluate import DEFAULTS, main
+from rcmae.robustness.defaults import DEFAULTS
+from rcmae.robustness.evaluate import main
 from rcmae.robustness.metrics import ALEXNET_CLEAN_ERR, ALEXNET_ERR, ALEXNET_ERR_EXTRA, SEVERITIES, corruption_errors
 from rcmae.robustness.models import load_classifier
 

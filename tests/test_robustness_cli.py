@@ -15,10 +15,12 @@ from conftest import ROOT
 from PIL import Image
 
 from rcmae.core import checkpoint as ck
-from rcmae.core.config import ConfigError, load_config
+from rcmae.core.config import load_config
 from rcmae.core.data import imagenet_wnids
+from rcmae.core.errors import ConfigError
 from rcmae.core.vit import build_classifier
-from rcmae.robustness.evaluate import DEFAULTS, RESULTS, main
+from rcmae.robustness.defaults import DEFAULTS
+from rcmae.robustness.evaluate import RESULTS, main
 
 IN_A = ["n01498041", "n02123394"]  # stingray, Persian cat: ImageNet-A classes
 

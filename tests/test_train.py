@@ -9,7 +9,7 @@ from conftest import micro_config
 from PIL import Image
 
 from rcmae.core.checkpoint import find_last_checkpoint, list_checkpoints, read_checkpoint
-from rcmae.core.run import NonFiniteLossError
+from rcmae.core.errors import NonFiniteLossError
 from rcmae.pretrain.train import main
 
 

@@ -16,10 +16,8 @@ A rerun with the same --output skips what results.jsonl already holds (--no-resu
 import argparse
 import sys
 
-from rcmae.core.config import config_path
 from rcmae.core.launcher import run_cli
-from rcmae.robustness.evaluate import DATASETS, DEFAULTS, validate
-from rcmae.robustness.evaluate import main as evaluate
+from rcmae.robustness.defaults import DATASETS, DEFAULTS
 
 FLAGS = {"checkpoint": "model.checkpoint", "model": "model.arch", "img_size": "model.img_size",
          "preprocessing": "model.preprocessing", "output": "train.output_dir", "batch_size": "data.batch_size",
@@ -54,9 +52,9 @@ def to_overrides(args):
 
 def main(argv=None):
     return run_cli(sys.argv[1:] if argv is None else argv,
-                   defaults=DEFAULTS, main=evaluate, name="rcmae-robustness", description=__doc__,
-                   demo_config=config_path("robustness/demo.yaml"), errors=(ValueError,),
-                   add_args=add_args, args_to_overrides=to_overrides, preflight=validate)
+                   defaults=DEFAULTS, main="rcmae.robustness.evaluate:main", name="rcmae-eval-robustness",
+                   description=__doc__, demo_config="robustness/demo.yaml", errors=(ValueError,),
+                   add_args=add_args, args_to_overrides=to_overrides, preflight="rcmae.robustness.evaluate:validate")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from rcmae.core.checkpoint import CheckpointError, export_encoder
+from rcmae.core.errors import CheckpointError
 
 
 def main(argv=None):
@@ -23,6 +23,8 @@ def main(argv=None):
                    help="teacher (default; RC-MAE transfers the teacher), student, or auto "
                         "(teacher if the checkpoint has one, else its only model)")
     args = p.parse_args(argv)
+    from rcmae.core.checkpoint import export_encoder  # torch: after the arguments parse
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export_encoder(args.checkpoint, args.which, args.output)

@@ -8,16 +8,14 @@
 """
 import sys
 
-from rcmae.core.config import config_path
 from rcmae.core.launcher import run_cli
-from rcmae.finetune.knn_tool import DEFAULTS, validate
-from rcmae.finetune.knn_tool import main as knn
+from rcmae.finetune.defaults import KNN_TOOL_DEFAULTS
 
 
 def main(argv=None):
-    return run_cli(sys.argv[1:] if argv is None else argv,
-                   defaults=DEFAULTS, main=knn, name="rcmae-knn", description=__doc__,
-                   demo_config=config_path("knn/demo.yaml"), preflight=validate)
+    return run_cli(sys.argv[1:] if argv is None else argv, defaults=KNN_TOOL_DEFAULTS, main="rcmae.finetune.knn_tool:main",
+                   name="rcmae-knn", description=__doc__, demo_config="knn/demo.yaml",
+                   preflight="rcmae.finetune.knn_tool:validate")
 
 
 if __name__ == "__main__":

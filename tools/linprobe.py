@@ -9,17 +9,15 @@
 """
 import sys
 
-from rcmae.core.config import config_path
+from rcmae.core.errors import NonFiniteLossError
 from rcmae.core.launcher import run_cli
-from rcmae.core.run import NonFiniteLossError
-from rcmae.finetune.train import LINPROBE_DEFAULTS, validate
-from rcmae.finetune.train import main as train
+from rcmae.finetune.defaults import LINPROBE_DEFAULTS
 
 
 def main(argv=None):
-    return run_cli(sys.argv[1:] if argv is None else argv,
-                   defaults=LINPROBE_DEFAULTS, main=train, name="rcmae-linprobe", description=__doc__,
-                   demo_config=config_path("linprobe/demo.yaml"), errors=(NonFiniteLossError,), preflight=validate)
+    return run_cli(sys.argv[1:] if argv is None else argv, defaults=LINPROBE_DEFAULTS, main="rcmae.finetune.train:main",
+                   name="rcmae-linprobe", description=__doc__, demo_config="linprobe/demo.yaml", errors=(NonFiniteLossError,),
+                   preflight="rcmae.finetune.train:validate")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ ImageNet-C: see robustness/imagenet_c.py.
 import argparse
 import sys
 
-from rcmae.robustness.imagenet_c import make_imagenet_c
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 
 
@@ -27,6 +26,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of every random draw (with the corruption, severity and image path); default 0")
     args = p.parse_args(argv)
+    from rcmae.robustness.imagenet_c import make_imagenet_c  # numpy, PIL, torchvision: after parsing
+
     try:
         written = make_imagenet_c(args.val, args.out, args.corruptions, args.severities, args.workers,
                                   seed=args.seed)

@@ -9,17 +9,15 @@
 """
 import sys
 
-from rcmae.core.config import config_path
+from rcmae.core.errors import NonFiniteLossError
 from rcmae.core.launcher import run_cli
-from rcmae.core.run import NonFiniteLossError
-from rcmae.pretrain.train import DEFAULTS, validate
-from rcmae.pretrain.train import main as train
+from rcmae.pretrain.defaults import DEFAULTS
 
 
 def main(argv=None):
-    return run_cli(sys.argv[1:] if argv is None else argv,
-                   defaults=DEFAULTS, main=train, name="rcmae-pretrain", description=__doc__,
-                   demo_config=config_path("pretrain/demo.yaml"), errors=(NonFiniteLossError,), preflight=validate)
+    return run_cli(sys.argv[1:] if argv is None else argv, defaults=DEFAULTS, main="rcmae.pretrain.train:main",
+                   name="rcmae-pretrain", description=__doc__, demo_config="pretrain/demo.yaml", errors=(NonFiniteLossError,),
+                   preflight="rcmae.pretrain.train:validate")
 
 
 if __name__ == "__main__":

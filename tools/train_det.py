@@ -15,8 +15,8 @@ from pathlib import Path
 from detectron2.engine import default_argument_parser
 from detectron2.engine import launch as d2_launch
 
-from rcmae.core.checkpoint import CheckpointError
-from rcmae.core.config import ConfigError, config_path
+from rcmae.core.config import config_path
+from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.launcher import add_launch_args, launch, slurm_world_size
 from rcmae.detection.data import DatasetError
 from rcmae.detection.preflight import check_run, load_config

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from rcmae.core.data import mae_eval_config
+from rcmae.core.errors import CheckpointError
 from rcmae.core.vit import ARCHS, infer_arch, is_encoder_key
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ FORMAT = "rcmae-toolkit/1"
 CLASSIFIER_FORMAT = "rcmae-toolkit/classifier/1"
 POINTER = "last_checkpoint"
 FIXED_KEYS = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos: recomputed, never learned
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model (the message says which and why)."""
 
 
 # ----------------------------------------------------------------------------- writing

@@ -6,17 +6,16 @@ that lists the valid ones. Values are type-checked against the default's type.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
+from rcmae.core.errors import ConfigError
+
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """A config key, value or combination that cannot work (the message names the key)."""
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
@@ -57,7 +56,8 @@ def _set(cfg: dict, defaults: dict, key: str, value: Any, source: str) -> None:
     valid = flatten(defaults)
     if key not in valid:
         close = [k for k in valid if k.split(".")[-1] == key.split(".")[-1]]
-        hint = f" Did you mean {close}?" if close else ""
+        close += [k for k in difflib.get_close_matches(key, valid, n=3, cutoff=0.75) if k not in close]
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
         raise ConfigError(f"{source}: unknown key {key!r}.{hint} Valid keys:\n  "
                           + "\n  ".join(sorted(valid)))
     *parents, leaf = key.split(".")
@@ -127,5 +127,10 @@ def load_config(defaults: dict, config_file: str | Path | None = None,
     return cfg
 
 
-def save_config(cfg: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+def save_config(cfg: dict, path) -> None:
+    """Write ``cfg`` as YAML to a file path or an open text stream."""
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if hasattr(path, "write"):
+        path.write(text)
+    else:
+        Path(path).write_text(text)

@@ -19,8 +19,8 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from rcmae.core.config import ConfigError
 from rcmae.core.demo_data import build_demo_labelled
+from rcmae.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -82,6 +82,3 @@ def knn_evaluate(backbone, train_set, val_set, num_classes: int, device, amp_dty
     return knn_classify(train_f, train_y, val_f, val_y, num_classes, knn["k"], knn["temperature"])
 
 
-KNN_DEFAULTS = {"k": 20, "temperature": 0.07, "pool": "cls", "batch_size": 256}
-
-

@@ -8,12 +8,26 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
-from rcmae.core.checkpoint import find_last_checkpoint
-from rcmae.core.config import ConfigError
+from rcmae.core.errors import ConfigError
+
+# A function, or its "module:name" (imported only when needed, so that --help starts fast)
+Entry = Union[Callable, str]
+
+
+def resolve(entry: Entry) -> Callable:
+    if callable(entry):
+        return entry
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The tool's docstring as written, and every option's default."""
 
 
 def add_launch_args(parser: argparse.ArgumentParser) -> None:
@@ -44,12 +58,12 @@ def slurm_world_size(args: argparse.Namespace) -> int:
     return 1 if args.local else args.nodes * max(args.gpus_per_node, 1)
 
 
-def run_main(main: Callable[[dict], dict], cfg: dict) -> dict:
+def run_main(main: Entry, cfg: dict) -> dict:
     """``main(cfg)``, then leave the process group (a main may call another: the demos do)."""
     from rcmae.core.distributed import cleanup
 
     try:
-        return main(cfg)
+        return resolve(main)(cfg)
     finally:
         cleanup()
 
@@ -69,6 +83,8 @@ class Job:
 
     def checkpoint(self):
         import submitit
+
+        from rcmae.core.checkpoint import find_last_checkpoint
 
         cfg = copy.deepcopy(self.cfg)
         # Training checkpoints periodically; once one exists, the requeued job resumes from it.
@@ -120,7 +136,7 @@ def sbatch_options(params: dict) -> list[str]:
             for k, v in options.items()]
 
 
-def launch(main: Callable[[dict], dict], cfg: dict, args: argparse.Namespace, name: str):
+def launch(main: Entry, cfg: dict, args: argparse.Namespace, name: str):
     """Run ``main(cfg)`` in this process, or submit it (``--slurm``); returns the result or the job."""
     if not args.slurm:
         return run_main(main, cfg)
@@ -147,12 +163,13 @@ def launch(main: Callable[[dict], dict], cfg: dict, args: argparse.Namespace, na
     return job
 
 
-def run_cli(argv, *, defaults: dict, main: Callable[[dict], dict], demo_config: Path, name: str,
+def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
             description: str, errors: tuple = (), add_args=None, args_to_overrides=None,
-            preflight: Callable[[dict, int], object] | None = None):
+            preflight: Entry | None = None):
     """The command line every tool shares: ``--config-file``, ``key.sub=value`` overrides,
-    ``--output-dir``, ``--resume [PATH]`` / ``--no-resume`` (tools that resume), and the cluster
-    options; runs here or submits, and prints where the outputs are.
+    ``--output-dir``, ``--resume [PATH]`` / ``--no-resume`` (tools that resume), ``--print-config``,
+    and the cluster options; runs here or submits, and prints where the outputs are. ``main`` and
+    ``preflight`` may be "module:function" strings, imported after the arguments are parsed.
 
     The tool's demo (``demo_config``) runs only with no arguments at all or ``--demo``; any other
     call starts from ``defaults`` (the documented recipe). ``preflight(cfg, world_size)`` checks a
@@ -161,13 +178,13 @@ def run_cli(argv, *, defaults: dict, main: Callable[[dict], dict], demo_config: 
     """
     import sys
 
-    from rcmae.core.checkpoint import CheckpointError
-    from rcmae.core.config import ConfigError, load_config
+    from rcmae.core.config import config_path, load_config, save_config
+    from rcmae.core.errors import CheckpointError, ConfigError
 
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=name, description=description, formatter_class=HelpFormatter)
     p.add_argument("--demo", action="store_true",
-                   help=f"the CPU demo ({demo_config.name}); also what a call without arguments runs")
+                   help=f"the CPU demo (configs/{demo_config}); also what a call without arguments runs")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--config-file", default=None,
                    help="YAML config; without one the tool's defaults (the published recipe) apply")
     if "resume" in defaults.get("train", {}):
@@ -192,9 +209,12 @@ def run_cli(argv, *, defaults: dict, main: Callable[[dict], dict], demo_config: 
     try:
         if demo and args.config_file:
             raise ConfigError("--demo runs the demo config; drop --demo to use --config-file")
-        cfg = load_config(defaults, demo_config if demo else args.config_file, overrides)
+        cfg = load_config(defaults, config_path(demo_config) if demo else args.config_file, overrides)
+        if args.print_config:
+            save_config(cfg, sys.stdout)
+            return cfg
         if args.slurm and preflight is not None:  # fail now, not after the queue wait
-            preflight(cfg, slurm_world_size(args))
+            resolve(preflight)(cfg, slurm_world_size(args))
         result = launch(main, cfg, args, name=name)
     except (ConfigError, CheckpointError, FileNotFoundError, *errors) as e:
         sys.exit(f"error: {e}")

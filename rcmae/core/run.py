@@ -15,16 +15,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rcmae.core.config import ConfigError, flatten, save_config
+from rcmae.core.config import flatten, save_config
 from rcmae.core.distributed import DistEnv, all_reduce, barrier, init_distributed, world_size
+from rcmae.core.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss was NaN or infinite: the run stops, its last checkpoint holds the last good weights."""
 
 
 def accumulation_steps(batch_size: int, micro_batch: int, world: int) -> int:

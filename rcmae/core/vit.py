@@ -6,7 +6,7 @@ from functools import partial
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from rcmae.core.config import ConfigError
+from rcmae.core.errors import ConfigError
 
 # Encoder sizes (micro: tests, mini: the CPU demo); `timm_name` is the timm model an exported
 # encoder loads into (224 px input).
@@ -50,7 +50,7 @@ def is_encoder_key(key: str) -> bool:
 def check_arch(arch: str, img_size: int) -> dict:
     """The size spec of ``arch``; a ConfigError for an unknown name or an image size that is not a
     multiple of its patch size."""
-    from rcmae.core.config import ConfigError
+    from rcmae.core.errors import ConfigError
 
     if arch not in ARCHS:
         raise ConfigError(f"unknown model.arch {arch!r}; choose one of {sorted(ARCHS)}")

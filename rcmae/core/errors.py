@@ -1,0 +1,13 @@
+"""The errors a user can act on; each message names the key, file or value and what was expected."""
+
+
+class ConfigError(ValueError):
+    """A config key, value or combination that cannot work (the message names the key)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model (the message says which and why)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss was NaN or infinite: the run stops, its last checkpoint holds the last good weights."""

@@ -4,14 +4,12 @@ runs on one CPU process, torchrun or SLURM tasks, resumes exactly, and evaluates
 from __future__ import annotations
 
 import logging
-import sys
 
 import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars
-from tqdm import tqdm
 
 from rcmae.core import checkpoint as ckpt
 from rcmae.core.data import (
@@ -28,7 +26,15 @@ from rcmae.core.distributed import all_gather_objects, barrier
 from rcmae.core.engine import TrainStep, training_forward
 from rcmae.core.errors import ConfigError
 from rcmae.core.evaluate import evaluate, shard_loader
-from rcmae.core.run import MetricLogger, accumulation_steps, rng_state, set_rng_state, start_run, warn_config_changes
+from rcmae.core.run import (
+    MetricLogger,
+    accumulation_steps,
+    progress,
+    rng_state,
+    set_rng_state,
+    start_run,
+    warn_config_changes,
+)
 from rcmae.core.schedules import lr_at
 from rcmae.core.vit import build_classifier, check_arch
 from rcmae.finetune.data import train_transform
@@ -195,8 +201,7 @@ def main(cfg: dict) -> dict:
 
     metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
                            bool(o["clip_grad"]), prefix=mode)
-    bar = tqdm(total=total_steps, initial=step, disable=not env.is_main, unit="step", file=sys.stdout,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress(total=total_steps, initial=step, disable=not env.is_main, unit="step")
 
     # what every saved classifier says about itself (robustness/ rebuilds the model from it)
     describe = {"format": ckpt.CLASSIFIER_FORMAT, "arch": m["arch"], "img_size": m["img_size"],
@@ -228,7 +233,7 @@ def main(cfg: dict) -> dict:
                 skipped += int(n_skipped.sum())
             torch.manual_seed(sample_seed(t["seed"] + 1, step, env.rank))  # drop path: f(seed, step)
             sums = step_fn(micro, lr)
-            metrics.add(step, sums, accum, skipped, accum * t["micro_batch"])
+            metrics.add(step, sums, accum, skipped, accum * t["micro_batch"], loader.take_wait())
             step += 1
             bar.update(1)
             epoch_end = step % steps_per_epoch == 0
@@ -237,7 +242,7 @@ def main(cfg: dict) -> dict:
                                              and epoch % cfg["checkpoint"]["every_epochs"] == 0)
             if save_now or step % cfg["log"]["every_steps"] == 0:
                 record = metrics.flush(step, step / steps_per_epoch, env.is_main, lr=lr)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", data=f"{record['data_wait_frac']:.0%}")
             evaluate_now = step == total_steps or (epoch_end and epoch % cfg["eval"]["every_epochs"] == 0)
             if evaluate_now:
                 result = evaluate(model, val_loader, device, run.amp_dtype)

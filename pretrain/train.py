@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from rcmae.core import checkpoint as ckpt
 from rcmae.core.data import (
@@ -25,6 +23,7 @@ from rcmae.core.run import (
     AMP_DTYPES,
     MetricLogger,
     accumulation_steps,
+    progress,
     rng_state,
     set_rng_state,
     start_run,
@@ -203,8 +202,7 @@ def main(cfg: dict) -> dict:
 
     metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
                            bool(o["clip_grad"]), keys=METRICS, prefix="pretrain")
-    bar = tqdm(total=total_steps, initial=start_step, disable=not env.is_main, unit="step",
-               dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+    bar = progress(total=total_steps, initial=start_step, disable=not env.is_main, unit="step")
     record, step = {}, start_step
     ck = cfg["checkpoint"]
 
@@ -235,7 +233,7 @@ def main(cfg: dict) -> dict:
                               noise[..., first:first + t["micro_batch"], :]))
                 skipped += int(n_skipped.sum())  # a CPU tensor: no device sync
             sums = step_fn(micro, lr, momenta)
-            metrics.add(step, sums, accum, skipped, accum * t["micro_batch"])
+            metrics.add(step, sums, accum, skipped, accum * t["micro_batch"], batches.take_wait())
             step += 1
             bar.update(1)
             epoch_end = step % steps_per_epoch == 0
@@ -246,9 +244,9 @@ def main(cfg: dict) -> dict:
             if save_now or step % cfg["log"]["every_steps"] == 0:
                 record = metrics.flush(step, step / steps_per_epoch, env.is_main, lr=lr, momentum=momenta[-1])
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
-                                img_s=f"{record['img_per_s']:.0f}")
+                                img_s=f"{record['img_per_s']:.0f}", data=f"{record['data_wait_frac']:.0%}")
                 log.info("step %d/%d %s", step, total_steps,
-                         " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+                         " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "time")))
             if save_now:
                 path = save(step)
                 if env.is_main:

@@ -58,9 +58,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from torchvision import transforms
-from tqdm import tqdm
 
 from rcmae.core.data import labelled_images
+from rcmae.core.run import progress
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 
 JPEG_QUALITY = 85
@@ -225,7 +225,7 @@ def make_imagenet_c(val: str | Path, out: str | Path, corruptions=(*BENCHMARK, *
     for stale in out.rglob("*.tmp"):
         stale.unlink()
     work = partial(_corrupt_one, out_root=out, seed=int(seed))
-    bar = tqdm(total=len(tasks), desc="ImageNet-C", unit="img", disable=not show_progress)
+    bar = progress(total=len(tasks), desc="ImageNet-C", unit="img", disable=not show_progress)
     written = 0
     if workers > 1:
         with Pool(workers) as pool:

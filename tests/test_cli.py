@@ -43,3 +43,29 @@ def test_mistyped_keys_get_close_matches():
         load_config(DEFAULTS, None, ["optim.epoch=3"])
     with pytest.raises(ConfigError, match="Did you mean rcmae.teacher_mask"):
         load_config(DEFAULTS, None, ["rcmae.teacher_masks=same"])
+
+
+def test_runs_record_how_they_ran_and_where_the_time_went(tmp_path, imagenet):
+    """runs.jsonl: the command line, the git commit and the versions, one line per start; metrics.jsonl:
+    wall time, the mean step and the share of it spent waiting for data. With the output piped (as under
+    SLURM) no progress bar is drawn: the log has no carriage returns."""
+    import json
+
+    out = tmp_path / "run"
+    args = [f"data.path={imagenet / 'train'}", "model.arch=vit_micro_patch8", "model.img_size=32",
+            "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2", "optim.batch_size=8",
+            "optim.epochs=2", "optim.warmup_epochs=0", "train.micro_batch=8", "data.num_workers=0",
+            "train.device=cpu", "log.every_steps=2", "log.recon_every_epochs=0", f"train.output_dir={out}"]
+    res = run_tool(*args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "\r" not in res.stdout and "\r" not in res.stderr
+    run = json.loads((out / "runs.jsonl").read_text().splitlines()[0])
+    assert run["argv"][1:] == args and run["world_size"] == 1
+    assert len(run["git"]["commit"]) == 40  # the tests run from a checkout
+    assert __import__("torch").__version__.startswith(run["versions"]["torch"]) and "timm" in run["versions"]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert 0 < r["data_s"] <= r["step_s"] and 0 < r["data_wait_frac"] <= 1 and r["time"] > 1.7e9
+    # a resumed run adds its own line
+    assert run_tool(*args, "optim.epochs=3").returncode == 0
+    assert len((out / "runs.jsonl").read_text().splitlines()) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -217,12 +218,34 @@ class GlobalBatchSampler(Sampler):
             step = (epoch + 1) * self.steps_per_epoch
 
 
+class TimedIterator:
+    """An iterator that adds up the seconds spent waiting for its items (the input pipeline's share of
+    a training step); ``take_wait()`` returns and resets the sum."""
+
+    def __init__(self, iterator):
+        self.iterator, self.wait = iterator, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        item = next(self.iterator)
+        self.wait += time.perf_counter() - t0
+        return item
+
+    def take_wait(self) -> float:
+        wait, self.wait = self.wait, 0.0
+        return wait
+
+
 def train_batches(dataset, micro_batch: int, accum: int, world: int, rank: int, seed: int,
                   start_step: int, num_workers: int, pin_memory: bool):
-    """Endless iterator over this process's micro-batches from optimizer step ``start_step`` on."""
+    """Endless iterator over this process's micro-batches from optimizer step ``start_step`` on (timed:
+    see :class:`TimedIterator`)."""
     sampler = GlobalBatchSampler(len(dataset), micro_batch, accum, world, rank, seed, start_step)
-    return iter(DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
-                           pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0))
+    return TimedIterator(iter(DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
+                           pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0)))
 
 
 @lru_cache(maxsize=None)

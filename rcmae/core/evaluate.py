@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
 
 from rcmae.core.distributed import all_reduce, world_rank
+from rcmae.core.run import progress as progress_bar
 
 
 class ShardSampler(Sampler):
@@ -38,8 +38,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype=Non
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, n, unreadable
-    bar = tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True,
-               disable=progress is None or world_rank() != 0)
+    bar = progress_bar(iterable=loader, desc=progress, unit="batch", leave=False,
+                       disable=progress is None or world_rank() != 0)
     for imgs, labels, _ in bar:
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

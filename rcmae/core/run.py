@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import resource
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from rcmae.core.config import flatten, save_config
 from rcmae.core.distributed import DistEnv, all_reduce, barrier, init_distributed, world_size
@@ -42,11 +44,35 @@ def resolve_precision(precision: str, device_type: str) -> tuple[str, torch.dtyp
     return precision, AMP_DTYPES[precision]
 
 
+def interactive() -> bool:
+    """Progress bars only on a terminal: in a SLURM log their carriage returns pile up."""
+    return sys.stdout.isatty()
+
+
+def progress(**kwargs) -> tqdm:
+    """A tqdm bar on stdout, off on other ranks (``disable``) and when stdout is not a terminal."""
+    kwargs["disable"] = kwargs.get("disable", False) or not interactive()
+    return tqdm(file=sys.stdout, dynamic_ncols=True, mininterval=1.0, **kwargs)
+
+
+class ProgressAwareHandler(logging.StreamHandler):
+    """Log lines to stdout through ``tqdm.write``, so they print above a running bar, not over it."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(out_dir: Path, is_main: bool) -> None:
     """Log this project (the ``rcmae`` logger and its children) to stdout and (rank 0) ``log.txt``;
     other loggers are left alone."""
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
-    handlers = [logging.StreamHandler(sys.stdout)]
+    handlers = [ProgressAwareHandler()]
     if is_main:
         handlers.append(logging.FileHandler(out_dir / "log.txt"))
     for handler in handlers:
@@ -108,9 +134,9 @@ class MetricLogger:
     def _reset(self):
         self.sums = torch.zeros(len(self.keys), device=self.device)
         self.first_bad = torch.full((), self.NO_BAD_STEP, dtype=torch.long, device=self.device)
-        self.steps, self.skipped, self.images, self.t0 = 0, 0, 0, time.perf_counter()
+        self.steps, self.skipped, self.images, self.data_wait, self.t0 = 0, 0, 0, 0.0, time.perf_counter()
 
-    def add(self, step: int, sums: dict, micro_steps: int, skipped: int, images: int):
+    def add(self, step: int, sums: dict, micro_steps: int, skipped: int, images: int, data_wait: float = 0.0):
         zero = torch.zeros((), device=self.device)
         row = torch.stack([sums.get(k, zero) / (1 if k == "grad_norm" else micro_steps)
                            for k in self.keys])
@@ -121,6 +147,7 @@ class MetricLogger:
         self.steps += 1
         self.skipped += skipped
         self.images += images
+        self.data_wait += data_wait
 
     def flush(self, step: int, epoch: float, is_main: bool, **scalars: float) -> dict:
         """Reduce over processes; raise if a loss was not finite; write the log line (with the
@@ -142,6 +169,11 @@ class MetricLogger:
                        if k != "grad_norm" or self.log_grad_norm})
         record["skipped_images"] = int(values[-1])
         record["img_per_s"] = self.images * world / elapsed if elapsed > 0 else 0.0
+        # wall clock, the mean step, and the share of it spent waiting for data (this process)
+        record["time"] = round(time.time(), 3)
+        record["step_s"] = elapsed / max(self.steps, 1)
+        record["data_s"] = self.data_wait / max(self.steps, 1)
+        record["data_wait_frac"] = self.data_wait / elapsed if elapsed > 0 else 0.0
         record["mem_gb"] = (torch.cuda.max_memory_allocated() / 2 ** 30 if self.device.type == "cuda"
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
         self.write(record, is_main)
@@ -164,6 +196,37 @@ class MetricLogger:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def run_record(env: DistEnv) -> dict:
+    """What reproduces a run beside its config: the command line, the code's git commit (when it runs
+    from a checkout) and the versions of what it runs on."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    import rcmae
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(rcmae.__file__).parent, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    versions = {"python": platform.python_version(), "rcmae": rcmae.__version__}
+    for name in ("torch", "torchvision", "timm", "detectron2", "submitit"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "cwd": os.getcwd(),
+            "host": platform.node(), "world_size": env.world_size,
+            "git": {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+            if commit else None,
+            "versions": versions, "cuda": torch.version.cuda if torch.cuda.is_available() else None}
 
 
 @dataclass
@@ -191,4 +254,6 @@ def start_run(cfg: dict) -> Run:
     setup_logging(out_dir, env.is_main)
     if env.is_main:
         save_config(cfg, out_dir / "config.yaml")
+        with open(out_dir / "runs.jsonl", "a") as f:  # one line per start (and per resume)
+            f.write(json.dumps(run_record(env)) + "\n")
     return Run(env, device, out_dir, *resolve_precision(t["precision"], device_type))

@@ -8,7 +8,8 @@ import yaml
 from rcmae.core.config import ConfigError, load_config
 from rcmae.pretrain.defaults import DEFAULTS
 
-TOOLS = ["pretrain", "finetune", "linprobe", "knn", "eval_robustness", "export_encoder", "make_imagenet_c"]
+TOOLS = ["pretrain", "finetune", "linprobe", "knn", "eval_robustness", "export_encoder", "make_imagenet_c",
+         "visualize"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)

@@ -70,3 +70,15 @@ def test_runs_record_how_they_ran_and_where_the_time_went(tmp_path, imagenet):
     # a resumed run adds its own line
     assert run_tool(*args, "optim.epochs=3").returncode == 0
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_console_scripts_exit_cleanly(tmp_path):
+    """The installed entry points (``pip install .``) find their configs from any directory and exit 0."""
+    import shutil
+
+    script = shutil.which("rcmae-pretrain")
+    assert script, "rcmae-pretrain is not on PATH: install the package (pip install -e .)"
+    res = subprocess.run([script, "--config-file", "configs/pretrain/rcmae_vit_small.yaml", f"data.path={tmp_path}",
+                          "--print-config"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert yaml.safe_load(res.stdout)["model"]["arch"] == "vit_small_patch16"

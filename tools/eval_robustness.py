@@ -50,11 +50,16 @@ def to_overrides(args):
     return [f"{key}={text(getattr(args, flag))}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
 
 
-def main(argv=None):
+def run(argv=None):
     return run_cli(sys.argv[1:] if argv is None else argv,
                    defaults=DEFAULTS, main="rcmae.robustness.evaluate:main", name="rcmae-eval-robustness",
                    description=__doc__, demo_config="robustness/demo.yaml", errors=(ValueError,),
                    add_args=add_args, args_to_overrides=to_overrides, preflight="rcmae.robustness.evaluate:validate")
+
+
+def main(argv=None) -> None:
+    """The console script: exit status 0 on success (the result is printed, not returned)."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 from rcmae.core.errors import CheckpointError
 
 
-def main(argv=None):
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("output")
@@ -31,6 +31,11 @@ def main(argv=None):
     except (CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(out)
+
+
+def main(argv=None) -> None:
+    """The console script: exit status 0 on success (the result is printed, not returned)."""
+    run(argv)
 
 
 if __name__ == "__main__":

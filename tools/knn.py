@@ -12,10 +12,15 @@ from rcmae.core.launcher import run_cli
 from rcmae.finetune.defaults import KNN_TOOL_DEFAULTS
 
 
-def main(argv=None):
+def run(argv=None):
     return run_cli(sys.argv[1:] if argv is None else argv, defaults=KNN_TOOL_DEFAULTS, main="rcmae.finetune.knn_tool:main",
                    name="rcmae-knn", description=__doc__, demo_config="knn/demo.yaml",
                    preflight="rcmae.finetune.knn_tool:validate")
+
+
+def main(argv=None) -> None:
+    """The console script: exit status 0 on success (the result is printed, not returned)."""
+    run(argv)
 
 
 if __name__ == "__main__":

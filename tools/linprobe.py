@@ -14,10 +14,15 @@ from rcmae.core.launcher import run_cli
 from rcmae.finetune.defaults import LINPROBE_DEFAULTS
 
 
-def main(argv=None):
+def run(argv=None):
     return run_cli(sys.argv[1:] if argv is None else argv, defaults=LINPROBE_DEFAULTS, main="rcmae.finetune.train:main",
                    name="rcmae-linprobe", description=__doc__, demo_config="linprobe/demo.yaml", errors=(NonFiniteLossError,),
                    preflight="rcmae.finetune.train:validate")
+
+
+def main(argv=None) -> None:
+    """The console script: exit status 0 on success (the result is printed, not returned)."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 
 
-def main(argv=None):
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--val", required=True, help="ImageNet-style folder: <val>/<wnid>/<image>")
     p.add_argument("--out", required=True)
@@ -34,6 +34,11 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {written} images under {args.out}")
+
+
+def main(argv=None) -> None:
+    """The console script: exit status 0 on success (the result is printed, not returned)."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,15 @@ from rcmae.core.launcher import run_cli
 from rcmae.pretrain.defaults import DEFAULTS
 
 
-def main(argv=None):
+def run(argv=None):
     return run_cli(sys.argv[1:] if argv is None else argv, defaults=DEFAULTS, main="rcmae.pretrain.train:main",
                    name="rcmae-pretrain", description=__doc__, demo_config="pretrain/demo.yaml", errors=(NonFiniteLossError,),
                    preflight="rcmae.pretrain.train:validate")
+
+
+def main(argv=None) -> None:
+    """The console script: exit status 0 on success (the result is printed, not returned)."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -83,7 +83,10 @@ def run(argv=None):
     return result
 
 
-main = run  # the console script's entry point
+def main(argv=None) -> None:
+    """The console script: exit status 0 on success (the result is printed, not returned)."""
+    run(argv)
+
 
 if __name__ == "__main__":
     run()

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 
-def main(argv=None):
+def run(argv=None):
     p = argparse.ArgumentParser(prog="rcmae-visualize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a pretraining checkpoint (ours, official MAE 'full', official RC-MAE)")
@@ -58,6 +58,11 @@ def main(argv=None):
     out = save_reconstruction(model, batch, noise, args.out, f"{args.checkpoint} (mask {model.mask_ratio:.0%})")
     print(out)
     return out
+
+
+def main(argv=None) -> None:
+    """The console script: exit status 0 on success (the result is printed, not returned)."""
+    run(argv)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def convert_to_detectron2(path: str, which: str = "auto", patch_size: int | None
     return out
 
 
-def load_backbone(model: torch.nn.Module, path: str, which: str = "auto") -> dict:
+def load_vit_backbone(model: torch.nn.Module, path: str, which: str = "auto") -> dict:
     """Load the converted encoder into a detectron2 model; fail loudly unless every ViT block and
     embedding tensor (relative position tables excepted: ViTDet initialises them at zero) is loaded."""
     net = model.backbone.net

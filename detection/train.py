@@ -13,7 +13,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from rcmae.detection.checkpoint import load_backbone, load_detector
+from rcmae.detection.checkpoint import load_detector, load_vit_backbone
 from rcmae.detection.data import build_coins_dataset, register_coco
 from rcmae.detection.evaluation import COCOEval, write_results
 from rcmae.detection.preflight import DEMO_DATA, check_weights, load_config, path_datasets
@@ -91,7 +91,7 @@ def do_train(cfg, resume: bool) -> tuple[torch.nn.Module, dict]:
         start_iter = trainer.iter + 1
         log.info("resumed at iteration %d", start_iter)
     elif cfg.train.init_checkpoint:
-        load_backbone(model, cfg.train.init_checkpoint, cfg.train.get("init_which", "auto"))
+        load_vit_backbone(model, cfg.train.init_checkpoint, cfg.train.get("init_which", "auto"))
     else:  # check_weights let it through: train.allow_scratch
         log.info("train.allow_scratch: the backbone starts from random weights")
     trainer.train(start_iter, cfg.train.max_iter)

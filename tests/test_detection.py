@@ -15,7 +15,7 @@ from pycocotools import mask as mask_util  # noqa: E402
 from timm.layers import resample_patch_embed  # noqa: E402
 
 from rcmae.core import checkpoint as ck  # noqa: E402
-from rcmae.detection.checkpoint import convert_to_detectron2, load_backbone  # noqa: E402
+from rcmae.detection.checkpoint import convert_to_detectron2, load_vit_backbone  # noqa: E402
 from rcmae.detection.data import DatasetError, build_coins_dataset, register_coco, validate_coco_json  # noqa: E402
 from rcmae.detection.evaluation import COCOEval  # noqa: E402
 from rcmae.pretrain.models import build_mae  # noqa: E402
@@ -39,7 +39,7 @@ def mini_checkpoint(tmp_path, arch="vit_mini_patch8", img_size=64):
 def test_every_vit_key_lands_in_the_backbone(tmp_path):
     path, teacher = mini_checkpoint(tmp_path)
     model = instantiate(load_cfg("demo_tiny").model)
-    report = load_backbone(model, str(path))  # teacher by default
+    report = load_vit_backbone(model, str(path))  # teacher by default
     assert report["blocks"] == 4
     sd = model.state_dict()
     for k, v in teacher.items():
@@ -65,17 +65,17 @@ def test_official_formats_and_wrong_checkpoints(tmp_path):
     torch.save({"model": {k: v for k, v in ours.student.items() if not k.startswith("decoder")}},
                tmp_path / "mae_encoder.pth")
     model = instantiate(load_cfg("demo_tiny").model)
-    load_backbone(model, str(tmp_path / "rcmae.pth"))
+    load_vit_backbone(model, str(tmp_path / "rcmae.pth"))
     assert torch.equal(model.backbone.net.blocks[2].mlp.fc1.weight, teacher["blocks.2.mlp.fc1.weight"])
-    load_backbone(model, str(tmp_path / "mae_encoder.pth"))
+    load_vit_backbone(model, str(tmp_path / "mae_encoder.pth"))
     assert torch.equal(model.backbone.net.blocks[2].mlp.fc1.weight, ours.student["blocks.2.mlp.fc1.weight"])
 
     micro, _ = mini_checkpoint(tmp_path, "vit_micro_patch8", 32)  # another width and depth
     with pytest.raises(ck.CheckpointError, match="does not fit the ViTDet backbone.*missing.*blocks.2"):
-        load_backbone(model, str(micro))
+        load_vit_backbone(model, str(micro))
     torch.save({"model": {"head.weight": torch.zeros(2, 2)}}, tmp_path / "nohead.pth")
     with pytest.raises(ck.CheckpointError, match="holds no ViT blocks"):
-        load_backbone(model, str(tmp_path / "nohead.pth"))
+        load_vit_backbone(model, str(tmp_path / "nohead.pth"))
 
 
 def test_layer_decay_factors_for_vit_base():

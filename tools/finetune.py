@@ -14,9 +14,10 @@ from rcmae.core.launcher import run_cli
 from rcmae.finetune.defaults import DEFAULTS
 
 
-def run(argv=None):
-    return run_cli(sys.argv[1:] if argv is None else argv, defaults=DEFAULTS, main="rcmae.finetune.train:main",
-                   name="rcmae-finetune", description=__doc__, demo_config="finetune/demo.yaml", errors=(NonFiniteLossError,),
+def run(argv=None, defaults=DEFAULTS, name="rcmae-finetune", description=__doc__, demo="finetune/demo.yaml"):
+    """Fine-tuning, or (with the linear-probe recipe: tools/linprobe.py) linear probing."""
+    return run_cli(sys.argv[1:] if argv is None else argv, defaults=defaults, main="rcmae.finetune.train:main",
+                   name=name, description=description, demo_config=demo, errors=(NonFiniteLossError,),
                    preflight="rcmae.finetune.train:validate")
 
 

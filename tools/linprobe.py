@@ -7,17 +7,13 @@
       data.train_path=/imagenet/train data.val_path=/imagenet/val
   python tools/linprobe.py --config-file configs/linprobe/vit_base.yaml ... --slurm --nodes 4 --partition P
 """
-import sys
-
-from rcmae.core.errors import NonFiniteLossError
-from rcmae.core.launcher import run_cli
 from rcmae.finetune.defaults import LINPROBE_DEFAULTS
+from rcmae.tools import finetune
 
 
 def run(argv=None):
-    return run_cli(sys.argv[1:] if argv is None else argv, defaults=LINPROBE_DEFAULTS, main="rcmae.finetune.train:main",
-                   name="rcmae-linprobe", description=__doc__, demo_config="linprobe/demo.yaml", errors=(NonFiniteLossError,),
-                   preflight="rcmae.finetune.train:validate")
+    return finetune.run(argv, defaults=LINPROBE_DEFAULTS, name="rcmae-linprobe", description=__doc__,
+                        demo="linprobe/demo.yaml")
 
 
 def main(argv=None) -> None:

@@ -221,7 +221,7 @@ def run_record(env: DistEnv) -> dict:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            pass
+            pass  # not installed: not listed
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "cwd": os.getcwd(),
             "host": platform.node(), "world_size": env.world_size,
             "git": {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}

@@ -23,7 +23,7 @@ from rcmae.core.data import (
     train_batches,
 )
 from rcmae.core.distributed import all_gather_objects, barrier
-from rcmae.core.engine import TrainStep, training_forward
+from rcmae.core.engine import FinallyHook, PeriodicHook, TrainLoop, TrainStep, training_forward
 from rcmae.core.errors import ConfigError
 from rcmae.core.evaluate import evaluate, shard_loader
 from rcmae.core.run import (
@@ -207,7 +207,7 @@ def main(cfg: dict) -> dict:
     describe = {"format": ckpt.CLASSIFIER_FORMAT, "arch": m["arch"], "img_size": m["img_size"],
                 "global_pool": m["global_pool"], "num_classes": num_classes, "mode": mode}
 
-    def save_state(step_done: int, result: dict | None) -> None:
+    def save_state(step_done: int, result: dict | None, best: dict) -> None:
         state = {**describe, "model": classifier_state(model), "train_model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "optimizer_param_names": param_names,
                  "scaler": scaler.state_dict() if scaler else None,
@@ -218,51 +218,55 @@ def main(cfg: dict) -> dict:
             log.info("saved %s", path)
         barrier()
 
-    result = None
-    try:
-        while step < stop_step:
-            lr = lr_at(step, warmup_steps, total_steps, peak_lr, o["min_lr"])
-            micro, skipped = [], 0
-            for k in range(accum):
-                imgs, labels, n_skipped = next(loader)
-                imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                if mixup is not None:
-                    with seeded(sample_seed(t["seed"], step, k * env.world_size + env.rank)):
-                        imgs, labels = mixup(imgs, labels)
-                micro.append((imgs, labels))
-                skipped += int(n_skipped.sum())
-            torch.manual_seed(sample_seed(t["seed"] + 1, step, env.rank))  # drop path: f(seed, step)
-            sums = step_fn(micro, lr)
-            metrics.add(step, sums, accum, skipped, accum * t["micro_batch"], loader.take_wait())
-            step += 1
-            bar.update(1)
-            epoch_end = step % steps_per_epoch == 0
-            epoch = step // steps_per_epoch
-            save_now = step == stop_step or (epoch_end and cfg["checkpoint"]["every_epochs"]
-                                             and epoch % cfg["checkpoint"]["every_epochs"] == 0)
-            if save_now or step % cfg["log"]["every_steps"] == 0:
-                record = metrics.flush(step, step / steps_per_epoch, env.is_main, lr=lr)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", data=f"{record['data_wait_frac']:.0%}")
-            evaluate_now = step == total_steps or (epoch_end and epoch % cfg["eval"]["every_epochs"] == 0)
-            if evaluate_now:
-                result = evaluate(model, val_loader, device, run.amp_dtype)
-                log.info("epoch %d eval: top-1 %.2f top-5 %.2f on %d images (%d unreadable)", epoch,
-                         result["top1"], result["top5"], result["n"], result["unreadable"])
-                metrics.write({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in result.items()}},
-                              env.is_main)
-                if result["top1"] > best["top1"]:
-                    best = {**result, "epoch": epoch, "step": step}
-                    if env.is_main:  # MAE-style file, and a timm folder: timm.create_model("local-dir:...")
-                        weights = classifier_state(model)
-                        ckpt.atomic_save({**describe, "model": weights, "eval": result, "config": cfg},
-                                         out_dir / "classifier_best.pth")
-                        ckpt.save_timm_folder(weights, m["arch"], m["img_size"], out_dir / "classifier_best",
-                                              num_classes, m["global_pool"], cfg["data"]["crop_pct"])
-            if save_now:
-                save_state(step, result)
-    finally:
-        bar.close()
-        metrics.close()
+    current = {"result": None, "best": best}
+
+    def train_step(step: int) -> None:
+        lr = lr_at(step, warmup_steps, total_steps, peak_lr, o["min_lr"])
+        micro, skipped = [], 0
+        for k in range(accum):
+            imgs, labels, n_skipped = next(loader)
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if mixup is not None:
+                with seeded(sample_seed(t["seed"], step, k * env.world_size + env.rank)):
+                    imgs, labels = mixup(imgs, labels)
+            micro.append((imgs, labels))
+            skipped += int(n_skipped.sum())
+        torch.manual_seed(sample_seed(t["seed"] + 1, step, env.rank))  # drop path: f(seed, step)
+        sums = step_fn(micro, lr)
+        metrics.add(step, sums, accum, skipped, accum * t["micro_batch"], loader.take_wait())
+        bar.update(1)
+        current["lr"] = lr
+
+    def checkpoint_due(loop) -> bool:
+        return loop.step == loop.stop or loop.every_epochs(cfg["checkpoint"]["every_epochs"])
+
+    def log_metrics(loop) -> None:  # before a checkpoint: a non-finite loss stops the run unsaved
+        record = metrics.flush(loop.step, loop.step / steps_per_epoch, env.is_main, lr=current["lr"])
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{current['lr']:.2e}", data=f"{record['data_wait_frac']:.0%}")
+
+    def evaluate_and_keep_best(loop) -> None:
+        result = current["result"] = evaluate(model, val_loader, device, run.amp_dtype)
+        log.info("epoch %d eval: top-1 %.2f top-5 %.2f on %d images (%d unreadable)", loop.epoch,
+                 result["top1"], result["top5"], result["n"], result["unreadable"])
+        metrics.write({"step": loop.step, "epoch": loop.epoch, **{f"eval_{k}": v for k, v in result.items()}},
+                      env.is_main)
+        if result["top1"] > current["best"]["top1"]:
+            current["best"] = {**result, "epoch": loop.epoch, "step": loop.step}
+            if env.is_main:  # MAE-style file, and a timm folder: timm.create_model("local-dir:...")
+                weights = classifier_state(model)
+                ckpt.atomic_save({**describe, "model": weights, "eval": result, "config": cfg},
+                                 out_dir / "classifier_best.pth")
+                ckpt.save_timm_folder(weights, m["arch"], m["img_size"], out_dir / "classifier_best",
+                                      num_classes, m["global_pool"], cfg["data"]["crop_pct"])
+
+    hooks = [PeriodicHook(lambda loop: checkpoint_due(loop) or loop.every_steps(cfg["log"]["every_steps"]),
+                          log_metrics),
+             PeriodicHook(lambda loop: loop.step == total_steps or loop.every_epochs(cfg["eval"]["every_epochs"]),
+                          evaluate_and_keep_best),
+             PeriodicHook(checkpoint_due, lambda loop: save_state(loop.step, current["result"], current["best"])),
+             FinallyHook(lambda loop: (bar.close(), metrics.close()))]
+    step = TrainLoop(train_step, step, stop_step, steps_per_epoch, hooks).run()
+    best, result = current["best"], current["result"]
 
     summary = {"output_dir": str(out_dir), "step": step, "checkpoint": str(ckpt.find_last_checkpoint(out_dir) or ""),
                "best_classifier": str(out_dir / "classifier_best.pth") if best["top1"] >= 0 else "",

@@ -17,7 +17,7 @@ from rcmae.core.data import (
 )
 from rcmae.core.demo_data import build_demo_folder
 from rcmae.core.distributed import all_gather_objects, barrier
-from rcmae.core.engine import TrainStep, training_forward
+from rcmae.core.engine import FinallyHook, PeriodicHook, TrainLoop, TrainStep, training_forward
 from rcmae.core.errors import ConfigError
 from rcmae.core.run import (
     AMP_DTYPES,
@@ -203,68 +203,73 @@ def main(cfg: dict) -> dict:
     metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
                            bool(o["clip_grad"]), keys=METRICS, prefix="pretrain")
     bar = progress(total=total_steps, initial=start_step, disable=not env.is_main, unit="step")
-    record, step = {}, start_step
-    ck = cfg["checkpoint"]
+    ck, current = cfg["checkpoint"], {"record": {}}
 
-    def save(step_done: int) -> Path | None:
+    def train_step(step: int) -> None:
+        lr = lr_at(step, warmup_steps, total_steps, peak_lr, o["min_lr"])
+        momenta = teacher_momenta(cfg["rcmae"]["momentum_schedule"], step, steps_per_epoch, total_steps,
+                                  accum, cfg["rcmae"]["momentum"])
+        noise = mask_noise(t["seed"], step, global_batch, model.student.num_patches, device,
+                           model.teacher_mask == "different")
+        micro, skipped = [], 0
+        for k in range(accum):
+            imgs, _, n_skipped = next(batches)
+            first = (k * env.world_size + env.rank) * t["micro_batch"]
+            micro.append((imgs.to(device, non_blocking=True), noise[..., first:first + t["micro_batch"], :]))
+            skipped += int(n_skipped.sum())  # a CPU tensor: no device sync
+        sums = step_fn(micro, lr, momenta)
+        metrics.add(step, sums, accum, skipped, accum * t["micro_batch"], batches.take_wait())
+        bar.update(1)
+        current.update(lr=lr, momentum=momenta[-1])
+
+    def checkpoint_due(loop) -> bool:
+        return loop.step == loop.stop or loop.every_steps(ck["every_steps"]) or loop.every_epochs(ck["every_epochs"])
+
+    def log_metrics(loop) -> None:  # before a checkpoint: a non-finite loss stops the run unsaved
+        record = metrics.flush(loop.step, loop.step / steps_per_epoch, env.is_main, lr=current["lr"],
+                               momentum=current["momentum"])
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{current['lr']:.2e}",
+                        img_s=f"{record['img_per_s']:.0f}", data=f"{record['data_wait_frac']:.0%}")
+        log.info("step %d/%d %s", loop.step, total_steps,
+                 " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "time")))
+        current["record"] = record
+
+    def save(loop) -> None:
         state = {"format": ckpt.FORMAT, "arch": m["arch"],
                  "student": model.student.state_dict(),
                  "teacher": model.teacher.state_dict() if model.teacher is not None else None,
                  "optimizer": optimizer.state_dict(), "optimizer_param_names": param_names,
-                 "scaler": scaler.state_dict() if scaler else None, "step": step_done,
-                 "epoch": step_done // steps_per_epoch, "step_in_epoch": step_done % steps_per_epoch,
+                 "scaler": scaler.state_dict() if scaler else None, "step": loop.step,
+                 "epoch": loop.epoch, "step_in_epoch": loop.step % steps_per_epoch,
                  "rng": all_gather_objects(rng_state()), "config": cfg}
-        path = ckpt.save_checkpoint(state, out_dir, step_done, ck["keep"]) if env.is_main else None
+        path = ckpt.save_checkpoint(state, out_dir, loop.step, ck["keep"]) if env.is_main else None
         barrier()
-        return path
+        if env.is_main:
+            log.info("saved %s", path)
 
-    try:
-        while step < stop_step:
-            lr = lr_at(step, warmup_steps, total_steps, peak_lr, o["min_lr"])
-            momenta = teacher_momenta(cfg["rcmae"]["momentum_schedule"], step, steps_per_epoch, total_steps,
-                                      accum, cfg["rcmae"]["momentum"])
-            noise = mask_noise(t["seed"], step, global_batch, model.student.num_patches, device,
-                               model.teacher_mask == "different")
-            micro, skipped = [], 0
-            for k in range(accum):
-                imgs, _, n_skipped = next(batches)
-                first = (k * env.world_size + env.rank) * t["micro_batch"]
-                micro.append((imgs.to(device, non_blocking=True),
-                              noise[..., first:first + t["micro_batch"], :]))
-                skipped += int(n_skipped.sum())  # a CPU tensor: no device sync
-            sums = step_fn(micro, lr, momenta)
-            metrics.add(step, sums, accum, skipped, accum * t["micro_batch"], batches.take_wait())
-            step += 1
-            bar.update(1)
-            epoch_end = step % steps_per_epoch == 0
-            epoch = step // steps_per_epoch
-            save_now = step == stop_step or (
-                (ck["every_steps"] and step % ck["every_steps"] == 0)
-                or (epoch_end and ck["every_epochs"] and epoch % ck["every_epochs"] == 0))
-            if save_now or step % cfg["log"]["every_steps"] == 0:
-                record = metrics.flush(step, step / steps_per_epoch, env.is_main, lr=lr, momentum=momenta[-1])
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
-                                img_s=f"{record['img_per_s']:.0f}", data=f"{record['data_wait_frac']:.0%}")
-                log.info("step %d/%d %s", step, total_steps,
-                         " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "time")))
-            if save_now:
-                path = save(step)
-                if env.is_main:
-                    log.info("saved %s", path)
-            knn_every = cfg["knn"]["every_epochs"]
-            if knn_sets and epoch_end and (epoch % knn_every == 0 or step == total_steps):
-                result = knn_monitor(model, knn_sets, cfg, run)
-                metrics.write({"step": step, "epoch": epoch, **result}, env.is_main)
-                log.info("epoch %d k-NN top-1 %.2f top-5 %.2f", epoch, result["knn_top1"], result["knn_top5"])
-            recon_every = cfg["log"]["recon_every_epochs"]
-            if env.is_main and recon_every and epoch_end and (epoch % recon_every == 0 or step == total_steps):
-                fig = save_reconstruction(model, recon_batch, recon_noise,
-                                          out_dir / f"reconstruction_epoch{epoch:04d}.png",
-                                          f"{m['arch']} epoch {epoch}")
-                log.info("reconstruction figure: %s", fig)
-    finally:
-        bar.close()
-        metrics.close()
+    def knn(loop) -> None:
+        result = knn_monitor(model, knn_sets, cfg, run)
+        metrics.write({"step": loop.step, "epoch": loop.epoch, **result}, env.is_main)
+        log.info("epoch %d k-NN top-1 %.2f top-5 %.2f", loop.epoch, result["knn_top1"], result["knn_top5"])
+
+    def reconstruction(loop) -> None:
+        fig = save_reconstruction(model, recon_batch, recon_noise, out_dir / f"reconstruction_epoch{loop.epoch:04d}.png",
+                                  f"{m['arch']} epoch {loop.epoch}")
+        log.info("reconstruction figure: %s", fig)
+
+    def at_epoch_end(every: int):  # every `every` epochs and at the end of the run
+        return lambda loop: loop.epoch_end and (loop.every_epochs(every) or loop.step == total_steps)
+
+    hooks = [PeriodicHook(lambda loop: checkpoint_due(loop) or loop.every_steps(cfg["log"]["every_steps"]),
+                          log_metrics),
+             PeriodicHook(checkpoint_due, save),
+             FinallyHook(lambda loop: (bar.close(), metrics.close()))]
+    if knn_sets:
+        hooks.insert(2, PeriodicHook(at_epoch_end(cfg["knn"]["every_epochs"]), knn))
+    if env.is_main and cfg["log"]["recon_every_epochs"]:
+        hooks.insert(-1, PeriodicHook(at_epoch_end(cfg["log"]["recon_every_epochs"]), reconstruction))
+    step = TrainLoop(train_step, start_step, stop_step, steps_per_epoch, hooks).run()
+    record = current["record"]
 
     summary = {"output_dir": str(out_dir), "step": step, "total_steps": total_steps,
                "checkpoint": str(ckpt.find_last_checkpoint(out_dir) or ""),

@@ -73,3 +73,70 @@ class TrainStep:
         if update_args and self.on_update is not None:
             self.on_update(update_args[-1])
         return sums
+
+
+class HookBase:
+    """Periodic work around the training loop (detectron2's ``HookBase``): override what you need."""
+
+    def after_step(self, loop: "TrainLoop") -> None:
+        pass  # nothing by default
+
+    def after_train(self, loop: "TrainLoop") -> None:
+        pass  # nothing by default
+
+
+class PeriodicHook(HookBase):
+    """``action(loop)`` after every step at which ``due(loop)`` holds."""
+
+    def __init__(self, due, action):
+        self.due, self.action = due, action
+
+    def after_step(self, loop: "TrainLoop") -> None:
+        if self.due(loop):
+            self.action(loop)
+
+
+class FinallyHook(HookBase):
+    """``action(loop)`` once when the loop ends, however it ends (close files, bars)."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def after_train(self, loop: "TrainLoop") -> None:
+        self.action(loop)
+
+
+class TrainLoop:
+    """The loop skeleton every trainer shares: ``run_step(step)`` for optimizer steps ``start`` to
+    ``stop``, then every hook's ``after_step`` in order (logging before checkpointing, ...). ``step``
+    counts the finished steps; ``epoch`` and ``epoch_end`` follow from it."""
+
+    def __init__(self, run_step, start: int, stop: int, steps_per_epoch: int, hooks: list[HookBase]):
+        self.run_step, self.step, self.stop = run_step, start, stop
+        self.steps_per_epoch, self.hooks = steps_per_epoch, hooks
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    @property
+    def epoch_end(self) -> bool:
+        return self.step % self.steps_per_epoch == 0
+
+    def every_steps(self, n: int) -> bool:
+        return bool(n) and self.step % n == 0
+
+    def every_epochs(self, n: int) -> bool:
+        return bool(n) and self.epoch_end and self.epoch % n == 0
+
+    def run(self) -> int:
+        try:
+            while self.step < self.stop:
+                self.run_step(self.step)
+                self.step += 1
+                for hook in self.hooks:
+                    hook.after_step(self)
+        finally:
+            for hook in self.hooks:
+                hook.after_train(self)
+        return self.step

@@ -12,6 +12,7 @@ from rcmae.core.data import (
     SyntheticImages,
     check_folder_pair,
     image_folder_classes,
+    labelled_eval_sets,
     list_images,
     train_batches,
 )
@@ -19,6 +20,7 @@ from rcmae.core.demo_data import build_demo_folder
 from rcmae.core.distributed import all_gather_objects, barrier
 from rcmae.core.engine import FinallyHook, PeriodicHook, TrainLoop, TrainStep, training_forward
 from rcmae.core.errors import ConfigError
+from rcmae.core.knn import knn_evaluate
 from rcmae.core.run import (
     AMP_DTYPES,
     MetricLogger,
@@ -30,7 +32,7 @@ from rcmae.core.run import (
     warn_config_changes,
 )
 from rcmae.core.schedules import lr_at
-from rcmae.core.vit import check_arch, is_encoder_key
+from rcmae.core.vit import build_classifier, check_arch, is_encoder_key
 from rcmae.pretrain.data import pretrain_transform
 from rcmae.pretrain.models import build_mae
 from rcmae.pretrain.rcmae import (
@@ -136,16 +138,11 @@ def knn_datasets(cfg: dict, out_dir: Path, is_main: bool):
     knn = cfg["knn"]
     if not knn["every_epochs"]:
         return None
-    from rcmae.core.data import labelled_eval_sets  # downstream package, imported lazily
-
     return labelled_eval_sets(knn, out_dir, is_main, cfg["model"]["img_size"], "knn", "knn_demo_data")
 
 
 def knn_monitor(model: RCMAE, sets, cfg: dict, run) -> dict:
     """k-NN accuracy of the teacher's encoder (the student's for MAE), all processes taking part."""
-    from rcmae.core.knn import knn_evaluate
-    from rcmae.core.vit import build_classifier
-
     source = model.teacher if model.teacher is not None else model.student
     backbone = build_classifier(cfg["model"]["arch"], cfg["model"]["img_size"], 0, "token")
     backbone.load_state_dict({k: v for k, v in source.state_dict().items() if is_encoder_key(k)})

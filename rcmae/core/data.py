@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from rcmae.core.demo_data import build_demo_labelled
+from rcmae.core.distributed import barrier
 from rcmae.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -282,8 +283,6 @@ def labelled_pair(d: dict, out_dir: Path, is_main: bool, section: str = "data",
     """(train_path, val_path, label_space) of a config section with ``source`` (folder / demo),
     ``train_path``, ``val_path``, ``label_space``; the demo set is built (by the main process) under
     ``out_dir / demo_dir``."""
-    from rcmae.core.distributed import barrier
-
     check_folder_pair(d, section)
     if d["source"] == "demo":
         root = Path(out_dir) / demo_dir

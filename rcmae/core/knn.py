@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from rcmae.core.distributed import world_size
+from rcmae.core.evaluate import shard_loader
 
 
 @torch.no_grad()
@@ -72,8 +73,6 @@ def knn_classify(train_feats, train_labels, val_feats, val_labels, num_classes: 
 def knn_evaluate(backbone, train_set, val_set, num_classes: int, device, amp_dtype, knn: dict,
                  world: int, rank: int, num_workers: int) -> dict:
     """Features of both sets (sharded, gathered exactly) and the weighted k-NN accuracy."""
-    from rcmae.core.evaluate import shard_loader
-
     out = []
     for dataset in (train_set, val_set):
         loader = shard_loader(dataset, knn["batch_size"], world, rank, num_workers, device.type == "cuda")

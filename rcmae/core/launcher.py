@@ -10,10 +10,12 @@ import argparse
 import copy
 import importlib
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Union
 
-from rcmae.core.errors import ConfigError
+from rcmae.core.config import config_path, load_config, save_config
+from rcmae.core.errors import CheckpointError, ConfigError
 
 # A function, or its "module:name" (imported only when needed, so that --help starts fast)
 Entry = Union[Callable, str]
@@ -176,11 +178,6 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
     config before a job is submitted, with the world size the job will have. A tool may add flags
     (``add_args(parser)``) that become overrides (``args_to_overrides(args) -> ["key=value", ...]``).
     """
-    import sys
-
-    from rcmae.core.config import config_path, load_config, save_config
-    from rcmae.core.errors import CheckpointError, ConfigError
-
     p = argparse.ArgumentParser(prog=name, description=description, formatter_class=HelpFormatter)
     p.add_argument("--demo", action="store_true",
                    help=f"the CPU demo (configs/{demo_config}); also what a call without arguments runs")

@@ -50,8 +50,6 @@ def is_encoder_key(key: str) -> bool:
 def check_arch(arch: str, img_size: int) -> dict:
     """The size spec of ``arch``; a ConfigError for an unknown name or an image size that is not a
     multiple of its patch size."""
-    from rcmae.core.errors import ConfigError
-
     if arch not in ARCHS:
         raise ConfigError(f"unknown model.arch {arch!r}; choose one of {sorted(ARCHS)}")
     spec = {k: v for k, v in ARCHS[arch].items() if k != "timm_name"}

@@ -15,7 +15,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from timm.layers import resample_patch_embed
 
-from rcmae.core.checkpoint import read_checkpoint
+from rcmae.core.checkpoint import LoadReport, load_state, read_checkpoint
 from rcmae.core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -48,32 +48,18 @@ def convert_to_detectron2(path: str, which: str = "auto", patch_size: int | None
     return out
 
 
-def load_vit_backbone(model: torch.nn.Module, path: str, which: str = "auto") -> dict:
-    """Load the converted encoder into a detectron2 model; fail loudly unless every ViT block and
-    embedding tensor (relative position tables excepted: ViTDet initialises them at zero) is loaded."""
+def load_vit_backbone(model: torch.nn.Module, path: str, which: str = "auto") -> LoadReport:
+    """Load the converted encoder into a detectron2 model (:func:`load_state`); fail loudly unless every
+    ViT block and embedding tensor is loaded. Only the relative position tables (ViTDet initialises them
+    at zero), the pyramid and the heads start from their initialisation."""
     net = model.backbone.net
     sd = convert_to_detectron2(path, which, net.patch_embed.proj.kernel_size[0])
-    own = model.state_dict()
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
-              if k in own and v.shape != own[k].shape]
-    wanted = [k for k in own if k.startswith(PREFIX) and ".rel_pos_" not in k]
-    missing = [k for k in wanted if k not in sd]
-    if unexpected or shapes or missing:
-        pos_embed = sd.get(PREFIX + "pos_embed")
-        hint = (pos_embed_hint(net, tuple(pos_embed.shape)) if pos_embed is not None
-                and pos_embed.shape != own[PREFIX + "pos_embed"].shape else None)
-        raise CheckpointError(
-            f"{path} does not fit the ViTDet backbone: "
-            + "; ".join(f"{n} {v[:10]}{' ...' if len(v) > 10 else ''}" for n, v in
-                        (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if v)
-            + ". " + (hint or "Check the config's embed_dim / depth / patch_size / pretrain_img_size."))
-    model.load_state_dict(sd, strict=False)
-    blocks = len({k.split(".")[3] for k in sd if k.startswith(PREFIX + "blocks.")})
-    log.info("loaded %d backbone tensors (%d of %d ViT blocks, position embedding, patch embedding); "
-             "relative position tables, pyramid and heads start from their initialisation",
-             len(sd), blocks, len(net.blocks))
-    return {"loaded": len(sd), "blocks": blocks}
+    pos_embed, own = sd.get(PREFIX + "pos_embed"), net.pos_embed
+    hint = (pos_embed_hint(net, tuple(pos_embed.shape)) if pos_embed is not None and pos_embed.shape != own.shape
+            else None)
+    return load_state(model, sd, f"{path} as the ViTDet backbone",
+                      may_miss=lambda key: not key.startswith(PREFIX) or ".rel_pos_" in key,
+                      hint=hint or "Check the config's embed_dim / depth / patch_size / pretrain_img_size.")
 
 
 def pos_embed_hint(net: torch.nn.Module, shape: tuple) -> str | None:

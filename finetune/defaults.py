@@ -19,7 +19,7 @@ DEFAULTS = {
               "stop_at_step": None},
     "eval": {"every_epochs": 1, "batch_size": 256},
     "checkpoint": {"every_epochs": 1, "keep": 1},
-    "log": {"every_steps": 20, "tensorboard": False},
+    "log": {"every_steps": 20, "tensorboard": False, "wandb": "none", "wandb_project": "rcmae"},
 }
 
 

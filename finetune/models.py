@@ -8,8 +8,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from rcmae.core.checkpoint import read_checkpoint
-from rcmae.core.errors import CheckpointError
+from rcmae.core.checkpoint import LoadReport, load_state, read_checkpoint
 from rcmae.core.vit import is_encoder_key
 
 log = logging.getLogger(__name__)
@@ -26,44 +25,26 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> tor
                                   antialias=False)
 
 
-def load_backbone(model: VisionTransformer, path: str, which: str = "auto") -> dict:
+def load_backbone(model: VisionTransformer, path: str, which: str = "auto") -> LoadReport:
     """Initialise ``model``'s backbone from a checkpoint: ours (pretraining: teacher by default;
     or a classifier), official MAE / RC-MAE, or timm. The head is always new.
 
     Only the new ``head`` and ``fc_norm`` may be missing; the pretraining decoder, a previous head
-    and (with global average pooling) the final ``norm`` are dropped, each listed in the log. Any
-    other missing or unexpected key, or a shape mismatch, is an error.
+    and (with global average pooling) the final ``norm`` are dropped, each listed in the report. Any
+    other missing or unexpected key, or a shape mismatch, is an error (:func:`load_state`).
     """
     ckpt = read_checkpoint(path)
     chosen, sd = ckpt.model(which)
     own = model.state_dict()
-    dropped = sorted(k for k in sd if not is_encoder_key(k) and k not in own)
-    dropped += sorted(k for k in sd if k.startswith("head.") and k not in dropped)
-    if "norm.weight" not in own:  # avg pool: MAE drops the final norm
-        dropped += sorted(k for k in sd if k.startswith("norm."))
-    if "fc_norm.weight" not in own:  # token pool: a previous fc_norm has no place
-        dropped += sorted(k for k in sd if k.startswith("fc_norm."))
+    dropped = [k for k in sd if (not is_encoder_key(k) and k not in own) or k.startswith("head.")
+               or (k.startswith("norm.") and "norm.weight" not in own)  # avg pool: MAE drops the final norm
+               or (k.startswith("fc_norm.") and "fc_norm.weight" not in own)]  # token pool: no fc_norm
     sd = {k: v for k, v in sd.items() if k not in set(dropped)}
     if "pos_embed" in sd:
         sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], model.patch_embed.grid_size)
-    allowed_missing = ("head.", "fc_norm.")
-    missing = [k for k in own if k not in sd and not k.startswith(allowed_missing)]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
-              if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{path} ({ckpt.source}, {chosen}) does not fit {type(model).__name__}: "
-            + "; ".join(f"{n} {v}" for n, v in (("missing", missing), ("unexpected", unexpected),
-                                                 ("shape mismatch", shapes)) if v)
-            + ". Check model.arch against the checkpoint.")
-    result = model.load_state_dict(sd, strict=False)
-    report = {"source": ckpt.source, "which": chosen, "loaded": len(sd),
-              "new": list(result.missing_keys), "dropped": dropped}
-    groups = sorted({k.split(".")[0] for k in dropped})
-    log.info("initialised from %s (%s, %s weights): loaded %d tensors; new %s; dropped %d (%s)", path,
-             ckpt.source, chosen, len(sd), report["new"], len(dropped), ", ".join(groups) or "none")
-    return report
+    return load_state(model, sd, f"{path} ({ckpt.source}, {chosen} weights)",
+                      may_miss=lambda key: key.startswith(("head.", "fc_norm.")), dropped=dropped,
+                      hint="Check model.arch against the checkpoint.", source=ckpt.source, which=chosen)
 
 
 def linear_probe_head(model: VisionTransformer) -> None:

@@ -22,18 +22,16 @@ from rcmae.core.data import (
     seeded,
     train_batches,
 )
-from rcmae.core.distributed import all_gather_objects, barrier
+from rcmae.core.distributed import barrier
 from rcmae.core.engine import FinallyHook, PeriodicHook, TrainLoop, TrainStep, training_forward
 from rcmae.core.errors import ConfigError
 from rcmae.core.evaluate import evaluate, shard_loader
 from rcmae.core.run import (
     MetricLogger,
     accumulation_steps,
+    check_loggers,
     progress,
-    rng_state,
-    set_rng_state,
     start_run,
-    warn_config_changes,
 )
 from rcmae.core.schedules import lr_at
 from rcmae.core.vit import build_classifier, check_arch
@@ -130,6 +128,7 @@ def validate(cfg: dict, world: int) -> int:
     if t["mode"] not in ("finetune", "linprobe"):
         raise ConfigError(f"train.mode must be finetune or linprobe, got {t['mode']!r}")
     check_arch(m["arch"], m["img_size"])
+    check_loggers(cfg["log"])
     accum = accumulation_steps(o["batch_size"], t["micro_batch"], world)
     if (cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0) and t["micro_batch"] % 2:
         raise ConfigError("mixup / cutmix need an even train.micro_batch")
@@ -167,24 +166,16 @@ def main(cfg: dict) -> dict:
         raise ConfigError(f"{len(train_set)} images cannot fill one batch of optim.batch_size={o['batch_size']}")
     total_steps, warmup_steps = o["epochs"] * steps_per_epoch, int(o["warmup_epochs"] * steps_per_epoch)
     peak_lr = o["lr"] if o["lr"] is not None else o["base_lr"] * o["batch_size"] / 256
+    checkpointer = ckpt.Checkpointer(out_dir, cfg["checkpoint"]["keep"], optimizer, param_names, scaler, cfg,
+                                     steps_per_epoch, env.rank)
     step, best = 0, {"top1": -1.0}
     if resume_path is not None:
         state = ckpt.torch_load(resume_path)
         if state.get("format") != ckpt.CLASSIFIER_FORMAT:
             raise ckpt.CheckpointError(f"{resume_path} is not a fine-tuning checkpoint of this toolkit; "
                                        "to start from pretrained weights use init.checkpoint=...")
-        warn_config_changes(state["config"], cfg)
         ckpt.load_state(model, state["train_model"], f"{resume_path} model")
-        if "optimizer_param_names" not in state:  # saved before the names were recorded
-            raise ckpt.CheckpointError(f"{resume_path} predates parameter-named optimizer states; finish "
-                                       "that run with the version that started it, or start anew")
-        optimizer.load_state_dict(ckpt.remap_optimizer_state(
-            state["optimizer"], state["optimizer_param_names"], param_names, optimizer.state_dict()))
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, best = state["step"], state["best"]
-        set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
-        log.info("resumed from %s at step %d", resume_path, step)
+        step, best = checkpointer.restore(state, resume_path), state["best"]
     stop_step = min(total_steps, t["stop_at_step"] or total_steps)
 
     forward = training_forward(ClassifierLoss(model, criterion), env.world_size, device, t["compile"])
@@ -199,24 +190,13 @@ def main(cfg: dict) -> dict:
              num_classes, len(train_set), len(val_set), env.world_size, t["micro_batch"], accum,
              o["batch_size"], steps_per_epoch, total_steps, peak_lr, o["name"], run.precision)
 
-    metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
+    metrics = MetricLogger(device, out_dir if env.is_main else None, cfg,
                            bool(o["clip_grad"]), prefix=mode)
     bar = progress(total=total_steps, initial=step, disable=not env.is_main, unit="step")
 
     # what every saved classifier says about itself (robustness/ rebuilds the model from it)
     describe = {"format": ckpt.CLASSIFIER_FORMAT, "arch": m["arch"], "img_size": m["img_size"],
                 "global_pool": m["global_pool"], "num_classes": num_classes, "mode": mode}
-
-    def save_state(step_done: int, result: dict | None, best: dict) -> None:
-        state = {**describe, "model": classifier_state(model), "train_model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "optimizer_param_names": param_names,
-                 "scaler": scaler.state_dict() if scaler else None,
-                 "step": step_done, "epoch": step_done // steps_per_epoch, "best": best,
-                 "eval": result, "rng": all_gather_objects(rng_state()), "config": cfg}
-        if env.is_main:
-            path = ckpt.save_checkpoint(state, out_dir, step_done, cfg["checkpoint"]["keep"])
-            log.info("saved %s", path)
-        barrier()
 
     current = {"result": None, "best": best}
 
@@ -263,7 +243,9 @@ def main(cfg: dict) -> dict:
                           log_metrics),
              PeriodicHook(lambda loop: loop.step == total_steps or loop.every_epochs(cfg["eval"]["every_epochs"]),
                           evaluate_and_keep_best),
-             PeriodicHook(checkpoint_due, lambda loop: save_state(loop.step, current["result"], current["best"])),
+             PeriodicHook(checkpoint_due, lambda loop: checkpointer.save(
+                 loop.step, **describe, model=classifier_state(model), train_model=model.state_dict(),
+                 best=current["best"], eval=current["result"])),
              FinallyHook(lambda loop: (bar.close(), metrics.close()))]
     step = TrainLoop(train_step, step, stop_step, steps_per_epoch, hooks).run()
     best, result = current["best"], current["result"]

@@ -159,6 +159,10 @@ class MaskedAutoencoderViT(nn.Module):
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return target
 
+    def reconstruction_loss(self, pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MAE's loss: squared error to :meth:`target`, mean over pixels, then over the masked patches."""
+        return masked_mean(((pred.float() - self.target(imgs).float()) ** 2).mean(dim=-1), mask)
+
 
 def build_mae(arch: str, img_size: int = 224, decoder_embed_dim: int = 512, decoder_depth: int = 8,
               decoder_num_heads: int = 16, norm_pix_loss: bool = True) -> MaskedAutoencoderViT:

@@ -12,8 +12,10 @@ import copy
 import torch
 import torch.nn as nn
 
+from rcmae.core.checkpoint import FIXED_KEYS, PretrainCheckpoint, load_state
 from rcmae.core.schedules import momentum_at
-from rcmae.pretrain.models import MaskedAutoencoderViT, masked_mean, random_masking_ids
+from rcmae.core.vit import infer_arch
+from rcmae.pretrain.models import MaskedAutoencoderViT, build_mae, masked_mean, random_masking_ids
 
 MOMENTUM_SCHEDULES = ("cosine", "official")
 METRICS = ("loss", "recon", "consistency")  # what RCMAE.forward reports each step
@@ -64,17 +66,16 @@ class RCMAE(nn.Module):
         student_noise = noise[0] if noise.dim() == 3 else noise
         ids_keep, ids_restore, mask = random_masking_ids(student_noise, self.mask_ratio)
         pred = self.student(imgs, ids_keep, ids_restore).float()
-        target = self.student.target(imgs).float()
-        recon = masked_mean(((pred - target) ** 2).mean(dim=-1), mask)
-        out = {"loss": recon, "recon": recon.detach(), "mask": mask, "pred": pred.detach()}
+        recon = self.student.reconstruction_loss(pred, imgs, mask)
+        # recon / consistency keep their graphs for the gradient probe (pretrain/probe.py); TrainStep detaches them
+        out = {"loss": recon, "recon": recon, "mask": mask, "pred": pred.detach()}
         if self.teacher is not None:
             if self.teacher_mask == "different":
                 ids_keep, ids_restore, _ = random_masking_ids(noise[1], self.mask_ratio)
             with torch.no_grad():
                 teacher_pred = self.teacher(imgs, ids_keep, ids_restore).float()
             consistency = masked_mean(((pred - teacher_pred) ** 2).mean(dim=-1), mask)
-            out.update(loss=recon + self.gamma * consistency, consistency=consistency.detach(),
-                       teacher_pred=teacher_pred)
+            out.update(loss=recon + self.gamma * consistency, consistency=consistency, teacher_pred=teacher_pred)
         return out
 
     @torch.no_grad()
@@ -85,6 +86,26 @@ class RCMAE(nn.Module):
         t = [p for p in self.teacher.parameters()]
         s = [p for p in self.student.parameters()]
         torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+def rcmae_from_checkpoint(ckpt: PretrainCheckpoint) -> RCMAE:
+    """The RCMAE of a pretraining checkpoint (ours, official MAE "full", official RC-MAE): the MAE
+    student, and the EMA teacher when the file has one, loaded strictly."""
+    sd = ckpt.student
+    arch, img_size = infer_arch(sd, ckpt.path)
+    cfg = ckpt.raw.get("config") or {}
+    m = cfg.get("model", {})
+    dim = sd["decoder_embed.weight"].shape[0]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks."))
+    # the official decoders use 32-dimensional heads (512-d: 16 heads, ViT-S's 256-d: 8)
+    student = build_mae(arch, img_size, dim, depth, m.get("decoder_heads", max(1, dim // 32)),
+                        m.get("norm_pix_loss", True))
+    model = RCMAE(student, m.get("mask_ratio", 0.75), gamma=1.0 if ckpt.teacher is not None else 0.0,
+                  teacher_mask=cfg.get("rcmae", {}).get("teacher_mask", "same"))
+    load_state(model.student, sd, f"{ckpt.path} student", recompute=FIXED_KEYS)
+    if ckpt.teacher is not None:
+        load_state(model.teacher, ckpt.teacher, f"{ckpt.path} teacher", recompute=FIXED_KEYS)
+    return model
 
 
 TOKEN_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")

@@ -17,7 +17,7 @@ from rcmae.core.data import (
     train_batches,
 )
 from rcmae.core.demo_data import build_demo_folder
-from rcmae.core.distributed import all_gather_objects, barrier
+from rcmae.core.distributed import barrier
 from rcmae.core.engine import FinallyHook, PeriodicHook, TrainLoop, TrainStep, training_forward
 from rcmae.core.errors import ConfigError
 from rcmae.core.knn import knn_evaluate
@@ -25,16 +25,15 @@ from rcmae.core.run import (
     AMP_DTYPES,
     MetricLogger,
     accumulation_steps,
+    check_loggers,
     progress,
-    rng_state,
-    set_rng_state,
     start_run,
-    warn_config_changes,
 )
 from rcmae.core.schedules import lr_at
 from rcmae.core.vit import build_classifier, check_arch, is_encoder_key
 from rcmae.pretrain.data import pretrain_transform
 from rcmae.pretrain.models import build_mae
+from rcmae.pretrain.probe import TrainingProbe
 from rcmae.pretrain.rcmae import (
     METRICS,
     MOMENTUM_SCHEDULES,
@@ -54,6 +53,7 @@ def validate(cfg: dict, world: int) -> int:
     before any work; returns the gradient-accumulation factor."""
     m, o, t = cfg["model"], cfg["optim"], cfg["train"]
     check_arch(m["arch"], m["img_size"])
+    check_loggers(cfg["log"])
     if not 0 < m["mask_ratio"] < 1:
         raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m['mask_ratio']}")
     d = cfg["data"]
@@ -78,6 +78,10 @@ def validate(cfg: dict, world: int) -> int:
                           f"got {cfg['rcmae']['momentum_schedule']!r}")
     if cfg["export"]["which"] not in ("teacher", "student"):
         raise ConfigError("export.which must be teacher or student")
+    if cfg["analysis"]["every_steps"] < 0:
+        raise ConfigError(f"analysis.every_steps must be >= 0 (0: off), got {cfg['analysis']['every_steps']}")
+    if cfg["analysis"]["every_steps"] and cfg["rcmae"]["gamma"] == 0:
+        raise ConfigError("analysis.every_steps probes the consistency gradient; rcmae.gamma=0 (MAE) has no teacher")
     if cfg["export"]["which"] == "teacher" and cfg["rcmae"]["gamma"] == 0:
         raise ConfigError("rcmae.gamma=0 trains no teacher: set export.which=student")
     return accumulation_steps(o["batch_size"], t["micro_batch"], world)
@@ -96,41 +100,33 @@ def build_dataset(cfg: dict, out_dir: Path, is_main: bool):
     return SeededImages(list_images(root), pretrain_transform(size, d["crop_min_scale"]))
 
 
-def restore(cfg: dict, model: RCMAE, optimizer, param_names, scaler, steps_per_epoch: int,
-            out_dir: Path, rank: int) -> int:
+def restore(cfg: dict, model: RCMAE, checkpointer: ckpt.Checkpointer, out_dir: Path) -> int:
     """Resume (auto / a file) or initialise from a checkpoint; returns the first step to run."""
     path = ckpt.resume_path(cfg["train"]["resume"], out_dir)
     if path is not None:
         c = ckpt.read_checkpoint(path)
         log.info("resuming from %s (%s checkpoint)", path, c.source)
-        ckpt.load_state(model.student, c.student, f"{path} student")
-        if model.teacher is not None:
-            ckpt.load_state(model.teacher, c.teacher if c.teacher is not None else c.student,
-                            f"{path} teacher" if c.teacher is not None else f"{path} student (as teacher)")
+        load_models(model, c, str(path))
         if c.source == "ours":
-            warn_config_changes(c.raw["config"], cfg)
-            saved_order = c.raw["optimizer_param_names"]
-            step = c.raw["step"]
-            rngs = c.raw["rng"]
-            set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-        else:  # official MAE / RC-MAE: optimizer saved in the official parameter order
-            saved_order = param_groups(model.student, 0.0, decay_tokens=True)[1]
-            step = (int(c.raw["epoch"]) + 1) * steps_per_epoch
-        # by parameter name: the grouping may differ (optim.decay_tokens, official order)
-        optimizer.load_state_dict(ckpt.remap_optimizer_state(
-            c.raw["optimizer"], saved_order, param_names, optimizer.state_dict()))
-        if scaler is not None and c.raw.get("scaler"):
-            scaler.load_state_dict(c.raw["scaler"])
-        log.info("resumed at step %d (epoch %.2f)", step, step / steps_per_epoch)
-        return step
+            return checkpointer.restore(c.raw, path)
+        # official MAE / RC-MAE: the optimizer in the official parameter order, the step from the epoch
+        checkpointer.restore_optimizer(c.raw, param_groups(model.student, 0.0, decay_tokens=True)[1])
+        log.info("continuing after the official checkpoint's epoch %d", c.raw["epoch"])
+        return (int(c.raw["epoch"]) + 1) * checkpointer.steps_per_epoch
     if cfg["train"]["init"]:
         c = ckpt.read_checkpoint(cfg["train"]["init"])
         log.info("initialising from %s (%s checkpoint)", cfg["train"]["init"], c.source)
-        ckpt.load_state(model.student, c.student, "init student", allow_missing=True)
-        if model.teacher is not None:
-            ckpt.load_state(model.teacher, c.teacher if c.teacher is not None else c.student,
-                            "init teacher", allow_missing=True)
+        load_models(model, c, "train.init", may_miss=lambda key: True)
     return 0
+
+
+def load_models(model: RCMAE, c: ckpt.PretrainCheckpoint, what: str, **strict) -> None:
+    """Student and teacher (the student's weights where the file has no teacher)."""
+    ckpt.load_state(model.student, c.student, f"{what} student", recompute=ckpt.FIXED_KEYS, **strict)
+    if model.teacher is not None:
+        ckpt.load_state(model.teacher, c.teacher if c.teacher is not None else c.student,
+                        f"{what} teacher" if c.teacher is not None else f"{what} student (as teacher)",
+                        recompute=ckpt.FIXED_KEYS, **strict)
 
 
 def knn_datasets(cfg: dict, out_dir: Path, is_main: bool):
@@ -177,9 +173,14 @@ def main(cfg: dict) -> dict:
     total_steps = o["epochs"] * steps_per_epoch
     warmup_steps = int(o["warmup_epochs"] * steps_per_epoch)
     peak_lr = o["lr"] if o["lr"] is not None else o["base_lr"] * global_batch / 256
-    start_step = restore(cfg, model, optimizer, param_names, scaler, steps_per_epoch, out_dir, env.rank)
+    ck = cfg["checkpoint"]
+    checkpointer = ckpt.Checkpointer(out_dir, ck["keep"], optimizer, param_names, scaler, cfg, steps_per_epoch,
+                                     env.rank)
+    start_step = restore(cfg, model, checkpointer, out_dir)
     stop_step = min(total_steps, t["stop_at_step"] or total_steps)
 
+    every = cfg["analysis"]["every_steps"]
+    probe = TrainingProbe(model, every, amp_dtype) if every and env.is_main else None
     forward = training_forward(model, env.world_size, device, t["compile"])
     step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, o["clip_grad"], scaler,
                         on_update=model.update_teacher, metric_keys=METRICS)
@@ -197,10 +198,10 @@ def main(cfg: dict) -> dict:
              f"EMA ({cfg['rcmae']['momentum_schedule']} schedule)" if model.teacher is not None else "none (MAE)", env.world_size, t["micro_batch"],
              accum, global_batch, steps_per_epoch, total_steps, peak_lr, precision, device)
 
-    metrics = MetricLogger(device, out_dir if env.is_main else None, cfg["log"]["tensorboard"],
+    metrics = MetricLogger(device, out_dir if env.is_main else None, cfg,
                            bool(o["clip_grad"]), keys=METRICS, prefix="pretrain")
     bar = progress(total=total_steps, initial=start_step, disable=not env.is_main, unit="step")
-    ck, current = cfg["checkpoint"], {"record": {}}
+    current = {"record": {}}
 
     def train_step(step: int) -> None:
         lr = lr_at(step, warmup_steps, total_steps, peak_lr, o["min_lr"])
@@ -214,7 +215,14 @@ def main(cfg: dict) -> dict:
             first = (k * env.world_size + env.rank) * t["micro_batch"]
             micro.append((imgs.to(device, non_blocking=True), noise[..., first:first + t["micro_batch"], :]))
             skipped += int(n_skipped.sum())  # a CPU tensor: no device sync
+        if probe:  # before the step: the gradients at the weights the step starts from
+            record = probe.measure(step, *micro[0])
+            if record:
+                metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4),
+                               **{f"probe_{k}": v for k, v in record.items()}}, env.is_main)
         sums = step_fn(micro, lr, momenta)
+        if probe:
+            probe.after_step()
         metrics.add(step, sums, accum, skipped, accum * t["micro_batch"], batches.take_wait())
         bar.update(1)
         current.update(lr=lr, momentum=momenta[-1])
@@ -232,17 +240,8 @@ def main(cfg: dict) -> dict:
         current["record"] = record
 
     def save(loop) -> None:
-        state = {"format": ckpt.FORMAT, "arch": m["arch"],
-                 "student": model.student.state_dict(),
-                 "teacher": model.teacher.state_dict() if model.teacher is not None else None,
-                 "optimizer": optimizer.state_dict(), "optimizer_param_names": param_names,
-                 "scaler": scaler.state_dict() if scaler else None, "step": loop.step,
-                 "epoch": loop.epoch, "step_in_epoch": loop.step % steps_per_epoch,
-                 "rng": all_gather_objects(rng_state()), "config": cfg}
-        path = ckpt.save_checkpoint(state, out_dir, loop.step, ck["keep"]) if env.is_main else None
-        barrier()
-        if env.is_main:
-            log.info("saved %s", path)
+        checkpointer.save(loop.step, format=ckpt.FORMAT, arch=m["arch"], student=model.student.state_dict(),
+                          teacher=model.teacher.state_dict() if model.teacher is not None else None)
 
     def knn(loop) -> None:
         result = knn_monitor(model, knn_sets, cfg, run)

@@ -27,7 +27,7 @@ def load_model(path: str | Path, model: str | None = None, which: str = "auto") 
     """
     import timm
 
-    from rcmae.core.checkpoint import read_checkpoint
+    from rcmae.core.checkpoint import load_state, read_checkpoint
     from rcmae.core.errors import CheckpointError
     from rcmae.core.vit import build_classifier, infer_arch, is_encoder_key
 
@@ -39,7 +39,9 @@ def load_model(path: str | Path, model: str | None = None, which: str = "auto") 
     ckpt = read_checkpoint(path)
     chosen, sd = ckpt.model(which)
     if "decoder_pred.weight" in sd:
-        return _masked_autoencoder(ckpt).eval()
+        from rcmae.pretrain.rcmae import rcmae_from_checkpoint
+
+        return rcmae_from_checkpoint(ckpt).eval()
     if "head.weight" in sd or model is not None or ckpt.source == "ours-classifier":
         from rcmae.robustness.models import load_classifier
 
@@ -50,27 +52,5 @@ def load_model(path: str | Path, model: str | None = None, which: str = "auto") 
     except ValueError as e:
         raise CheckpointError(f"{e}: pass model=<timm model name>") from None
     vit = build_classifier(arch, img_size, num_classes=0, global_pool="token")
-    vit.load_state_dict(encoder)
+    load_state(vit, encoder, f"{path} ({ckpt.source}, {chosen} encoder)", source=ckpt.source, which=chosen)
     return vit.eval()
-
-
-def _masked_autoencoder(ckpt) -> nn.Module:
-    """An RCMAE (MAE student, EMA teacher when the file has one) rebuilt from a pretraining checkpoint."""
-    from rcmae.core.checkpoint import load_state
-    from rcmae.core.vit import infer_arch
-    from rcmae.pretrain.models import build_mae
-    from rcmae.pretrain.rcmae import RCMAE
-
-    sd = ckpt.student
-    arch, img_size = infer_arch(sd, ckpt.path)
-    m = (ckpt.raw.get("config") or {}).get("model", {})
-    dim = sd["decoder_embed.weight"].shape[0]
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("decoder_blocks."))
-    # the official decoders use 32-dimensional heads (512-d: 16 heads, ViT-S's 256-d: 8)
-    student = build_mae(arch, img_size, dim, depth, m.get("decoder_heads", max(1, dim // 32)),
-                        m.get("norm_pix_loss", True))
-    model = RCMAE(student, m.get("mask_ratio", 0.75), gamma=1.0 if ckpt.teacher is not None else 0.0)
-    load_state(model.student, sd, f"{ckpt.path} student")
-    if ckpt.teacher is not None:
-        load_state(model.teacher, ckpt.teacher, f"{ckpt.path} teacher")
-    return model

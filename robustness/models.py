@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from rcmae.core.checkpoint import read_checkpoint
+from rcmae.core.checkpoint import load_state, read_checkpoint
 from rcmae.core.data import mae_eval_config
 from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.vit import ARCHS, build_classifier, infer_arch
@@ -74,11 +74,8 @@ def load_classifier(checkpoint: str | None, arch: str | None, img_size: int | No
         except RuntimeError as e:  # timm: unknown model name
             raise ConfigError(f"model.arch {arch!r}: {e}") from None
         family = "timm"
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint} ({ckpt.source}) does not fit model {arch!r}: {str(e).splitlines()[0]} "
-                              "... set --model to the checkpoint's architecture") from None
+    load_state(model, sd, f"{checkpoint} ({ckpt.source}) as model {arch!r}", source=ckpt.source,
+               hint="Set --model to the checkpoint's architecture.")
     num_classes = getattr(model, "num_classes", 1000)
     if num_classes != 1000:
         raise CheckpointError(f"{checkpoint} has a {num_classes}-way head; the benchmarks need the 1000 "

@@ -81,7 +81,7 @@ def test_load_state_reports_and_rejects():
     sd = {k: v for k, v in micro().state_dict().items() if not k.startswith("decoder")}
     with pytest.raises(ck.CheckpointError, match="missing keys"):
         ck.load_state(model, sd, "x")
-    report = ck.load_state(model, sd, "x", allow_missing=True)
+    report = ck.load_state(model, sd, "x", may_miss=lambda key: key.startswith("decoder"))
     assert "decoder_pred.weight" in report.missing and "blocks.0.attn.qkv.weight" in report.loaded
 
 
@@ -150,3 +150,15 @@ def test_export_is_a_timm_folder_with_the_right_preprocessing(tmp_path, origin):
     torch.testing.assert_close(vit.forward_features(imgs), model.forward_encoder(imgs, ids_keep))
 
 
+
+
+def test_fixed_position_embeddings_are_recomputed_only_where_declared():
+    small, big = micro(), build_mae("vit_micro_patch8", 48, 32, 1, 2)
+    sd = small.state_dict()
+    with pytest.raises(ck.CheckpointError, match=r"shape mismatch \['pos_embed: checkpoint \(1, 17, 32\)"):
+        ck.load_state(big, sd, "x")  # undeclared: another size is an error, never skipped silently
+    before = big.pos_embed.clone()
+    report = ck.load_state(big, sd, "x", recompute=ck.FIXED_KEYS)
+    assert report.recomputed == ["pos_embed", "decoder_pos_embed"] and torch.equal(big.pos_embed, before)
+    assert torch.equal(big.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
+    assert "recomputed 2 (pos_embed, decoder_pos_embed)" in report.summary()

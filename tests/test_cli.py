@@ -9,14 +9,14 @@ from rcmae.core.config import ConfigError, load_config
 from rcmae.pretrain.defaults import DEFAULTS
 
 TOOLS = ["pretrain", "finetune", "linprobe", "knn", "eval_robustness", "export_encoder", "make_imagenet_c",
-         "visualize"]
+         "visualize", "train_det"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_help_imports_no_torch(tool):
-    """--help is answered before torch, timm or the training code is imported (it takes ~0.1 s)."""
+    """--help is answered before torch, timm, detectron2 or the training code is imported (~0.1 s)."""
     code = (f"import sys\nfrom rcmae.tools import {tool}\ntry:\n    {tool}.main(['--help'])\n"
-            "except SystemExit:\n    pass\nprint('heavy:', sorted(m for m in ('torch', 'timm', 'numpy') if m in sys.modules))")
+            "except SystemExit:\n    pass\nprint('heavy:', sorted(m for m in ('torch', 'timm', 'numpy', 'detectron2') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "usage:" in res.stdout and res.stdout.strip().endswith("heavy: []")

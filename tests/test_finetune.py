@@ -63,19 +63,19 @@ def test_backbone_readers_for_every_source(tmp_path):
     path, student, teacher = _pretrain_file(tmp_path)
     model = build_classifier("vit_micro_patch8", 32, 10, "avg")
     report = load_backbone(model, path)  # ours: teacher by default
-    assert report["which"] == "teacher" and set(report["new"]) == {"head.weight", "head.bias",
-                                                                   "fc_norm.weight", "fc_norm.bias"}
+    assert report.which == "teacher" and set(report.missing) == {"head.weight", "head.bias",
+                                                                 "fc_norm.weight", "fc_norm.bias"}
     assert torch.equal(model.blocks[0].attn.qkv.weight, teacher["blocks.0.attn.qkv.weight"])
-    assert "norm.weight" in report["dropped"] and "decoder_pred.weight" in report["dropped"]
+    assert "norm.weight" in report.dropped and "decoder_pred.weight" in report.dropped
     load_backbone(model, path, "student")
     assert torch.equal(model.blocks[0].attn.qkv.weight, student["blocks.0.attn.qkv.weight"])
 
     torch.save({"student": {f"module.{k}": v for k, v in student.items()}, "teacher": teacher,
                 "epoch": 1}, tmp_path / "rcmae.pth")
-    assert load_backbone(model, tmp_path / "rcmae.pth")["source"] == "rcmae"
+    assert load_backbone(model, tmp_path / "rcmae.pth").source == "rcmae"
     assert torch.equal(model.cls_token, teacher["cls_token"])
     torch.save({"model": student}, tmp_path / "mae.pth")
-    assert load_backbone(model, tmp_path / "mae.pth")["which"] == "student"
+    assert load_backbone(model, tmp_path / "mae.pth").which == "student"
 
     # timm: a classifier with another head and pooling, as a bare state dict and under "state_dict"
     vit = build_classifier("vit_micro_patch8", 32, 1000, "token")
@@ -83,7 +83,7 @@ def test_backbone_readers_for_every_source(tmp_path):
     torch.save({"state_dict": vit.state_dict()}, tmp_path / "timm.pth")
     for f in ("timm_bare.pth", "timm.pth"):
         report = load_backbone(model, tmp_path / f)
-        assert report["source"] == "timm" and {"head.weight", "norm.weight"} <= set(report["dropped"])
+        assert report.source == "timm" and {"head.weight", "norm.weight"} <= set(report.dropped)
         assert torch.equal(model.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
 
     # a larger input size: position embeddings interpolated, everything else loaded
@@ -95,7 +95,7 @@ def test_backbone_readers_for_every_source(tmp_path):
         load_backbone(build_classifier("vit_mini_patch8", 32, 10, "avg"), path)
     bad = dict(student, **{"blocks.0.extra": torch.zeros(1)})
     torch.save({"model": bad}, tmp_path / "bad.pth")
-    with pytest.raises(ck.CheckpointError, match=r"unexpected \['blocks.0.extra'\]"):
+    with pytest.raises(ck.CheckpointError, match=r"unexpected keys \['blocks.0.extra'\]"):
         load_backbone(model, tmp_path / "bad.pth")
 
 

@@ -143,7 +143,7 @@ def test_reader_rejects_non_classifiers(tmp_path):
     with pytest.raises(ck.CheckpointError, match="10-way head"):
         load_classifier(str(tmp_path / "ten.pth"), "vit_micro_patch8", 32)
     path, _ = _classifier_file(tmp_path, "avg", "mae")
-    with pytest.raises(ck.CheckpointError, match="does not fit model 'vit_mini_patch8'"):
+    with pytest.raises(ck.CheckpointError, match="as model 'vit_mini_patch8' does not fit"):
         load_classifier(str(path), "vit_mini_patch8", 32)
 
 

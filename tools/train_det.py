@@ -8,26 +8,29 @@
   python tools/train_det.py --config-file ... --slurm --nodes 8 --gpus-per-node 8 --partition P --timeout 4320
   # any COCO-format set: --dataset NAME JSON IMAGE_ROOT dataloader.train.dataset.names=NAME ...
 """
+import argparse
 import os
 import sys
 from pathlib import Path
 
-from detectron2.engine import default_argument_parser
-from detectron2.engine import launch as d2_launch
-
 from rcmae.core.config import config_path
-from rcmae.core.errors import CheckpointError, ConfigError
-from rcmae.core.launcher import add_launch_args, launch, slurm_world_size
-from rcmae.detection.data import DatasetError
-from rcmae.detection.preflight import check_run, load_config
-from rcmae.detection.train import main as train
-from rcmae.detection.train import run_job
+from rcmae.core.launcher import HelpFormatter, add_launch_args, slurm_world_size
 
 DEMO = config_path("detection/demo_tiny.py")
 
 
 def parse_args(argv=None):
-    p = default_argument_parser(epilog=__doc__)  # --config-file --resume --eval-only --num-gpus ...
+    """detectron2's ``default_argument_parser`` options (same names and meaning), ours, and the
+    cluster launch; built without importing detectron2, so ``--help`` is instant."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--config-file", default="", metavar="FILE", help="a LazyConfig file (configs/detection/*.py)")
+    p.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
+    p.add_argument("--eval-only", action="store_true", help="evaluate train.init_checkpoint, no training")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes on this machine (detectron2's launch)")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--dist-url", default="auto", help="rendezvous of detectron2's launch; auto: a free local port")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, key.sub=value")
     p.add_argument("--dataset", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
                    help="register a COCO-format dataset (repeatable)")
     p.add_argument("--demo", action="store_true", help=f"the CPU demo ({DEMO.name}); also what a call "
@@ -41,6 +44,8 @@ def parse_args(argv=None):
         args.config_file = str(DEMO)
     elif not args.config_file:  # never fall back to the demo with real settings
         p.error("--config-file is required (e.g. configs/detection/mask_rcnn_vitdet_b_100ep.py), or --demo")
+    if args.num_machines > 1 and args.dist_url == "auto" and not args.slurm:
+        p.error("--num-machines > 1 needs --dist-url tcp://<machine 0's address>:<port>")
     return args
 
 
@@ -55,6 +60,15 @@ def world_size(args) -> int:
 
 def run(argv=None):
     args = parse_args(argv)
+    from detectron2.engine import launch as d2_launch
+
+    from rcmae.core.errors import CheckpointError, ConfigError
+    from rcmae.core.launcher import launch
+    from rcmae.detection.data import DatasetError
+    from rcmae.detection.preflight import check_run, load_config
+    from rcmae.detection.train import main as train
+    from rcmae.detection.train import run_job
+
     try:
         cfg = load_config(args.config_file, args.opts)
         check_run(cfg, eval_only=args.eval_only, resume=args.resume, world_size=world_size(args),

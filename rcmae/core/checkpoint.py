@@ -1,25 +1,34 @@
 """Checkpoints: atomic writes with a ``last_checkpoint`` pointer and retention, readers for our own,
 the official MAE / RC-MAE and timm formats, strict-by-default state loading with a report, encoder export.
 
-Our format (``format = "rcmae-toolkit/1"``)::
+Every training checkpoint of ours (pretraining and fine-tuning, written by :class:`Checkpointer`) holds
+the training state::
 
-    {"format", "student", "teacher" (None for MAE), "optimizer", "optimizer_param_names", "scaler",
-     "step", "epoch", "step_in_epoch", "rng" (one entry per rank), "config", "arch"}
+    {"optimizer", "optimizer_param_names", "scaler", "step", "epoch", "step_in_epoch",
+     "rng" (one entry per rank), "config"}
 
-``student`` / ``teacher`` hold MaskedAutoencoderViT state dicts (MAE key names, no ``module.``).
+plus what its trainer describes. Pretraining (``format = "rcmae-toolkit/1"``): ``"arch"``, ``"student"``,
+``"teacher"`` (None for MAE), MaskedAutoencoderViT state dicts (MAE key names, no ``module.``).
+Fine-tuning (``format = "rcmae-toolkit/classifier/1"``): ``"arch"``, ``"img_size"``, ``"global_pool"``,
+``"num_classes"``, ``"mode"``, ``"model"`` (timm key names, a probe's BatchNorm folded into the head),
+``"train_model"`` (the module as trained), ``"best"``, ``"eval"``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from rcmae.core.config import flatten
 from rcmae.core.data import mae_eval_config
+from rcmae.core.distributed import all_gather_objects, barrier
 from rcmae.core.errors import CheckpointError
 from rcmae.core.vit import ARCHS, infer_arch, is_encoder_key
 
@@ -79,6 +88,80 @@ def find_last_checkpoint(out_dir: str | Path) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
     return path
+
+
+# ----------------------------------------------------------------------------- training state
+def rng_state() -> dict:
+    """RNG states in plain types, so checkpoints load with ``weights_only=True``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss),
+                                                      float(gauss)],
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def warn_config_changes(saved: dict, cfg: dict) -> None:
+    """Resuming with another recipe is allowed (e.g. more epochs) but never silent."""
+    old, new = flatten(saved), flatten(cfg)
+    changed = {k: (old.get(k), new[k]) for k in new
+               if old.get(k) != new[k] and not k.startswith(("train.", "log.", "checkpoint."))}
+    if changed:
+        log.warning("resuming with a config that differs from the checkpoint's: %s",
+                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
+class Checkpointer:
+    """Saves and restores the training state every trainer shares (module header): the optimizer by
+    parameter name, the loss scaler, the step, every rank's RNG and the config, next to the
+    trainer's own ``payload`` (models, format, ...). Atomic, with a pointer and retention."""
+
+    def __init__(self, out_dir: Path, keep: int, optimizer, param_names: list[str], scaler, cfg: dict,
+                 steps_per_epoch: int, rank: int):
+        self.out_dir, self.keep, self.cfg, self.rank = Path(out_dir), keep, cfg, rank
+        self.optimizer, self.param_names, self.scaler = optimizer, param_names, scaler
+        self.steps_per_epoch = steps_per_epoch
+
+    def save(self, step: int, **payload) -> Path | None:
+        """All ranks call it (their RNG states are gathered); rank 0 writes."""
+        state = {**payload, "optimizer": self.optimizer.state_dict(), "optimizer_param_names": self.param_names,
+                 "scaler": self.scaler.state_dict() if self.scaler else None, "step": step,
+                 "epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
+                 "rng": all_gather_objects(rng_state()), "config": self.cfg}
+        path = save_checkpoint(state, self.out_dir, step, self.keep) if self.rank == 0 else None
+        barrier()
+        if path is not None:
+            log.info("saved %s", path)
+        return path
+
+    def restore_optimizer(self, state: dict, saved_names: list[str]) -> None:
+        """By parameter name: the grouping may differ from the saved one (official order, another
+        ``optim.decay_tokens``), and a mismatch is an error rather than misaligned moments."""
+        self.optimizer.load_state_dict(remap_optimizer_state(
+            state["optimizer"], saved_names, self.param_names, self.optimizer.state_dict()))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def restore(self, state: dict, path: Path) -> int:
+        """Everything but the models from one of our checkpoints; returns the step to continue at."""
+        warn_config_changes(state["config"], self.cfg)
+        if "optimizer_param_names" not in state:  # saved before the names were recorded
+            raise CheckpointError(f"{path} predates parameter-named optimizer states; finish that run "
+                                  "with the version that started it, or start anew")
+        self.restore_optimizer(state, state["optimizer_param_names"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        log.info("resumed from %s at step %d (epoch %.2f)", path, state["step"],
+                 state["step"] / self.steps_per_epoch)
+        return state["step"]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -150,47 +233,63 @@ def read_checkpoint(path: str | Path) -> PretrainCheckpoint:
 
 @dataclass
 class LoadReport:
+    """What a strict load did, in one format for every consumer (pretraining, fine-tuning, k-NN,
+    detection, robustness, the Python API)."""
+    what: str
     loaded: list[str]
-    missing: list[str]
-    unexpected: list[str]
-    fixed_mismatch: list[str]
+    missing: list[str]  # in the model, not in the checkpoint: left at initialisation (allowed ones only)
+    dropped: list[str] = field(default_factory=list)  # in the checkpoint, deliberately unused
+    recomputed: list[str] = field(default_factory=list)  # fixed position embeddings of another size
+    source: str = ""  # the checkpoint's origin (see PretrainCheckpoint.source) when it was read from a file
+    which: str = ""  # teacher / student, for pretraining checkpoints
 
     def summary(self) -> str:
         parts = [f"loaded {len(self.loaded)} tensors"]
-        if self.missing:
-            parts.append(f"missing (left at init) {self.missing}")
-        if self.unexpected:
-            parts.append(f"unexpected {self.unexpected}")
-        if self.fixed_mismatch:
-            parts.append(f"fixed position embeddings of another size, recomputed {self.fixed_mismatch}")
+        for name, keys in (("left at initialisation", self.missing), ("dropped", self.dropped),
+                           ("fixed position embeddings of another size, recomputed", self.recomputed)):
+            if keys:
+                parts.append(f"{name} {len(keys)} ({key_groups(keys)})")
         return "; ".join(parts)
 
 
-def load_state(module: torch.nn.Module, sd: dict, what: str, allow_missing: bool = False) -> LoadReport:
-    """Copy ``sd`` into ``module``; a shape mismatch or unexpected key is an error, missing keys are
-    an error unless ``allow_missing`` (they are listed either way). Fixed sin-cos position
-    embeddings of another grid size are kept at their recomputed values."""
+def key_groups(keys: list[str], limit: int = 10) -> str:
+    """A few keys as they are; more by their first name (``head.*, norm.*``): what a list is about."""
+    groups = keys if len(keys) <= 8 else list(dict.fromkeys(k.split(".")[0] + (".*" if "." in k else "")
+                                                            for k in keys))
+    return ", ".join(groups[:limit]) + (" ..." if len(groups) > limit else "")
+
+
+def load_state(module: torch.nn.Module, sd: dict, what: str, may_miss=lambda key: False,
+               dropped: list[str] = (), recompute: tuple[str, ...] = (), hint: str = "Check model.arch / "
+               "model.img_size / decoder sizes against the checkpoint.", **origin) -> LoadReport:
+    """The one strict loader: copy ``sd`` into ``module``. A shape mismatch, an unexpected key or a
+    missing key that ``may_miss(key)`` does not allow is a :class:`CheckpointError` naming the keys
+    (then ``hint``); nothing is skipped silently. Keys in ``recompute`` (fixed sin-cos position
+    embeddings, :data:`FIXED_KEYS`) of another grid size keep the model's recomputed values. ``dropped`` (keys the caller removed on purpose) and
+    ``origin`` (``source``, ``which``) go into the report, which is logged."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    fixed_mismatch, bad_shapes, to_load = [], [], {}
+    recomputed, bad_shapes, to_load = [], [], {}
     for k, v in sd.items():
         if k not in own:
             continue
-        if v.shape != own[k].shape:
-            (fixed_mismatch if k in FIXED_KEYS else bad_shapes).append(
-                f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-            continue
-        to_load[k] = v
-    if bad_shapes or unexpected or (missing and not allow_missing):
+        if v.shape != own[k].shape and k in recompute:
+            recomputed.append(k)
+        elif v.shape != own[k].shape:
+            bad_shapes.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+        else:
+            to_load[k] = v
+    not_allowed = [k for k in missing if not may_miss(k)]
+    if bad_shapes or unexpected or not_allowed:
         raise CheckpointError(
-            f"{what} does not match the model: "
-            + "; ".join(f"{name} {items}" for name, items in
+            f"{what} does not fit {type(module).__name__}: "
+            + "; ".join(f"{name} {items[:10]}{' ...' if len(items) > 10 else ''}" for name, items in
                         (("shape mismatch", bad_shapes), ("unexpected keys", unexpected),
-                         ("missing keys", missing)) if items)
-            + ". Check model.arch / model.img_size / decoder sizes against the checkpoint.")
+                         ("missing keys", not_allowed)) if items)
+            + f". {hint}")
     module.load_state_dict(to_load, strict=False)
-    report = LoadReport(sorted(to_load), missing, unexpected, fixed_mismatch)
+    report = LoadReport(what, sorted(to_load), missing, sorted(dropped), recomputed, **origin)
     log.info("%s: %s", what, report.summary())
     return report
 

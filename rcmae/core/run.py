@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import resource
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rcmae.core.config import flatten, save_config
+from rcmae.core.config import save_config
 from rcmae.core.distributed import DistEnv, all_reduce, barrier, init_distributed, world_size
 from rcmae.core.errors import ConfigError, NonFiniteLossError
 
@@ -87,48 +86,24 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
         logger.addHandler(handler)
 
 
-def rng_state() -> dict:
-    """RNG states in plain types, so checkpoints load with ``weights_only=True``."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss),
-                                                      float(gauss)],
-            "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def warn_config_changes(saved: dict, cfg: dict) -> None:
-    """Resuming with another recipe is allowed (e.g. more epochs) but never silent."""
-    old, new = flatten(saved), flatten(cfg)
-    changed = {k: (old.get(k), new[k]) for k in new
-               if old.get(k) != new[k] and not k.startswith(("train.", "log.", "checkpoint."))}
-    if changed:
-        log.warning("resuming with a config that differs from the checkpoint's: %s",
-                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-
-
 class MetricLogger:
     """Accumulates step metrics on the device and reduces them every few steps (one host sync)."""
 
     NO_BAD_STEP = 2 ** 62
 
-    def __init__(self, device, out_dir: Path | None, tensorboard: bool, log_grad_norm: bool,
-                 keys=("loss",), prefix: str = "train"):
+    def __init__(self, device, out_dir: Path | None, cfg: dict, log_grad_norm: bool, keys=("loss",),
+                 prefix: str = "train"):
+        """``out_dir`` None: not the main process (nothing written). ``cfg["log"]`` switches on
+        TensorBoard (``tensorboard``) and Weights & Biases (``wandb``: offline / online)."""
         self.device, self.log_grad_norm, self.prefix = device, log_grad_norm, prefix
         self.keys = (*keys, "grad_norm")  # grad_norm: with optim.clip_grad only
         self.jsonl = open(out_dir / "metrics.jsonl", "a") if out_dir else None
-        self.tb = None
-        if tensorboard and out_dir:
+        self.tb = self.wandb = None
+        if cfg["log"]["tensorboard"] and out_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(out_dir / "tensorboard")
+        if cfg["log"]["wandb"] != "none" and out_dir:
+            self.wandb = wandb_run(cfg, out_dir)
         self._reset()
 
     def _reset(self):
@@ -186,16 +161,52 @@ class MetricLogger:
             return
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+        scalars = {f"{self.prefix}/{k}": v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float))}
         if self.tb:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{self.prefix}/{k}", v, record["step"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb:
+            self.wandb.log({"step": record["step"], **scalars})
 
     def close(self):
-        if self.jsonl:
-            self.jsonl.close()
-        if self.tb:
-            self.tb.close()
+        for sink in (self.jsonl, self.tb):
+            if sink:
+                sink.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+WANDB_MODES = ("none", "offline", "online")
+
+
+def check_loggers(log_cfg: dict) -> None:
+    """Fail before any work when ``log.wandb`` is wrong or Weights & Biases is not installed."""
+    if log_cfg["wandb"] not in WANDB_MODES:
+        raise ConfigError(f"log.wandb must be one of {WANDB_MODES}, got {log_cfg['wandb']!r}")
+    if log_cfg["wandb"] != "none":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"log.wandb={log_cfg['wandb']} needs Weights & Biases: "
+                              "pip install 'rcmae-toolkit[wandb]' (or set log.wandb=none)") from None
+
+
+def wandb_run(cfg: dict, out_dir: Path):
+    """A W&B run for this output directory: its id is kept in ``wandb_id`` there, so a resumed or
+    requeued run continues the same W&B run. Offline runs land in ``<out_dir>/wandb/`` for
+    ``wandb sync``. Our ``step`` is the x axis (a resume may log a step again)."""
+    import wandb
+
+    id_file = out_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id + "\n")
+    log_cfg = cfg["log"]
+    run = wandb.init(project=log_cfg["wandb_project"], name=out_dir.name, id=run_id, resume="allow",
+                     dir=out_dir, mode=log_cfg["wandb"], config=cfg)
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def run_record(env: DistEnv) -> dict:

@@ -34,6 +34,7 @@ from rcmae.pretrain.linear_teacher import run_linear_analysis
 from rcmae.pretrain.probe import STATS, gradient_stats, loss_gradients, update_experiment
 from rcmae.pretrain.rcmae import RCMAE, mask_noise, rcmae_from_checkpoint
 from rcmae.pretrain.train import validate as validate_pretrain
+from rcmae.pretrain.visualize import plt, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +149,6 @@ def probe_checkpoint(p: dict, checkpoint: Path, data_path: str, device: torch.de
 
 
 def plot_probe(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.6))
     exp = result["experiment"]
@@ -166,10 +163,7 @@ def plot_probe(result: dict, path: Path) -> Path:
     right.set_xticks(range(len(blocks)), blocks, rotation=70, fontsize=7)
     right.set_title("at the checkpoint: cos(grad L_r, grad L_c) per block", fontsize=9)
     right.axhline(0, color="k", lw=0.5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main(cfg: dict) -> dict:

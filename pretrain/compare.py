@@ -29,6 +29,7 @@ from rcmae.core.demo_data import build_demo_labelled
 from rcmae.core.errors import ConfigError
 from rcmae.pretrain.models import random_masking_ids
 from rcmae.pretrain.rcmae import mask_noise, rcmae_from_checkpoint
+from rcmae.pretrain.visualize import plt, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,6 @@ def mean_curve(results: list[dict], variant: str, key: str):
 
 
 def plot_curves(results: list[dict], variants: list[str], keys: list[tuple[str, str]], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys):
@@ -164,10 +161,7 @@ def plot_curves(results: list[dict], variants: list[str], keys: list[tuple[str, 
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_csvs(results: list[dict], summary: dict, out_dir: Path) -> dict:

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from rcmae.core.schedules import momentum_at
+from rcmae.pretrain.visualize import plt, save_figure
 
 Momenta = float | Sequence[float] | Callable[[int], float]  # constant, per-step list, or step -> momentum
 DTYPE = torch.float64
@@ -246,10 +247,6 @@ def similarity_experiment(rhos: Sequence[float] = RHOS, d: int = 200, B: int = 8
 
 def plot_similarity(rows: Sequence[dict], path: str | Path) -> Path:
     """cos(grad L_c, previous update) and |grad L_c| / |grad L_r| against rho, one step and stream mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     rhos = [row["rho"] for row in rows]
     fig, (ax_cos, ax_ratio) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -263,20 +260,13 @@ def plot_similarity(rows: Sequence[dict], path: str | Path) -> Path:
     for ax in (ax_cos, ax_ratio):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_closed_form(records: Sequence[dict], path: str | Path) -> Path:
     """Left: max |closed form - autograd| per step (log scale; exact zeros, as at step 0 where T = W, are left out).
     Right: |c_{t,i}| against the lag i at the step ``term_step`` of each record. ``records`` are the dicts of
     ``check_closed_form``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, (ax_err, ax_terms) = plt.subplots(1, 2, figsize=(9, 3.6))
     for record in records:
@@ -289,10 +279,7 @@ def plot_closed_form(records: Sequence[dict], path: str | Path) -> Path:
     for ax in (ax_err, ax_terms):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
 
 
 def random_problem(m: int, d: int, B: int, steps: int, generator: torch.Generator, noise: float = 0.1):

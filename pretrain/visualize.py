@@ -51,8 +51,12 @@ def save_reconstruction(model: RCMAE, imgs: torch.Tensor, noise: torch.Tensor, p
         axes[0, j].set_title(name)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path, dpi=80)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close a figure (every figure here is written, none is shown)."""
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return path
+    return Path(path)

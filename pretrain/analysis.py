@@ -24,7 +24,7 @@ import torch
 
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 from rcmae.core.config import load_config
-from rcmae.core.data import SeededImages, image_folder_classes, list_images
+from rcmae.core.data import SeededImages, image_folder_classes, list_images, to_model_input
 from rcmae.core.errors import ConfigError
 from rcmae.core.run import start_run
 from rcmae.pretrain.compare import VARIANTS, compare, run_dir
@@ -102,7 +102,8 @@ class ProbeImages:
         rng = random.Random(p["seed"] * 1000 + trial)
         first, other = rng.sample(sorted(self.by_class), 2)
         b1, unrelated = ([rng.choice(self.by_class[c]) for _ in range(p["batch_size"])] for c in (first, other))
-        stack = lambda idx, seed: torch.stack([self.images[(i, seed)][0] for i in idx])  # noqa: E731
+        stack = lambda idx, seed: to_model_input(  # noqa: E731
+            torch.stack([self.images[(i, seed)][0] for i in idx]), torch.device("cpu"))
         masks = mask_noise(p["seed"], trial, 2 * p["batch_size"], num_patches, torch.device("cpu"), False)
         return stack(b1, trial), stack(b1, trial + 10_000), stack(unrelated, trial), *masks.chunk(2)
 

@@ -8,7 +8,9 @@ DEFAULTS = {
               "decoder_heads": 16, "mask_ratio": 0.75, "norm_pix_loss": True},
     # momentum_schedule: cosine (ours, default) | official (the official code's, see rcmae.teacher_momenta)
     "rcmae": {"gamma": 1.0, "momentum": 0.996, "teacher_mask": "same", "momentum_schedule": "cosine"},
-    "data": {"source": "folder", "path": None, "crop_min_scale": 0.2, "num_workers": 10,
+    # source: folder (ImageFolder) | shards (tools/make_shards.py) | demo | synthetic
+    # pipeline: fast (default) | torchvision (the official transforms as they are); see pretrain/data.py
+    "data": {"source": "folder", "path": None, "crop_min_scale": 0.2, "pipeline": "fast", "num_workers": 10,
              "synthetic_size": 4096},
     "optim": {"batch_size": 4096, "base_lr": 1.5e-4, "lr": None, "min_lr": 0.0,
               "weight_decay": 0.05, "betas": [0.9, 0.95], "clip_grad": None, "epochs": 1600,

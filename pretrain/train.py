@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
 from rcmae.core import checkpoint as ckpt
 from rcmae.core.data import (
@@ -14,6 +15,7 @@ from rcmae.core.data import (
     image_folder_classes,
     labelled_eval_sets,
     list_images,
+    shared_image_list,
     train_batches,
 )
 from rcmae.core.demo_data import build_demo_folder
@@ -30,8 +32,9 @@ from rcmae.core.run import (
     start_run,
 )
 from rcmae.core.schedules import lr_at
+from rcmae.core.shards import is_shard_dir, load_index
 from rcmae.core.vit import build_classifier, check_arch, is_encoder_key
-from rcmae.pretrain.data import pretrain_transform
+from rcmae.pretrain.data import PIPELINES, collate_for, model_input, pretrain_transform
 from rcmae.pretrain.models import build_mae
 from rcmae.pretrain.probe import TrainingProbe
 from rcmae.pretrain.rcmae import (
@@ -57,12 +60,19 @@ def validate(cfg: dict, world: int) -> int:
     if not 0 < m["mask_ratio"] < 1:
         raise ConfigError(f"model.mask_ratio must be in (0, 1), got {m['mask_ratio']}")
     d = cfg["data"]
-    if d["source"] not in ("folder", "demo", "synthetic"):
-        raise ConfigError("data.source must be folder, demo or synthetic")
-    if d["source"] == "folder":
+    if d["pipeline"] not in PIPELINES:
+        raise ConfigError(f"data.pipeline must be one of {PIPELINES}, got {d['pipeline']!r}")
+    if d["source"] not in ("folder", "shards", "demo", "synthetic"):
+        raise ConfigError("data.source must be folder, shards, demo or synthetic")
+    if d["source"] in ("folder", "shards"):
         if not d["path"]:
-            raise ConfigError("data.source=folder needs data.path (an ImageFolder tree, e.g. imagenet/train)")
-        image_folder_classes(d["path"], "data.path")
+            raise ConfigError(f"data.source={d['source']} needs data.path (an ImageFolder tree, e.g. imagenet/train, "
+                              "or a folder of shards written by tools/make_shards.py)")
+        if d["source"] == "folder":
+            image_folder_classes(d["path"], "data.path")
+        elif not is_shard_dir(d["path"]):
+            raise ConfigError(f"data.path={d['path']} holds no shard index (index.json): write the shards with "
+                              "tools/make_shards.py, or use data.source=folder")
     elif d["path"]:
         raise ConfigError(f"data.source={d['source']} makes its own images and would ignore data.path={d['path']}: "
                           "drop --demo / data.source (the default is folder) to train on that folder")
@@ -91,13 +101,16 @@ def build_dataset(cfg: dict, out_dir: Path, is_main: bool):
     d, size = cfg["data"], cfg["model"]["img_size"]
     if d["source"] == "synthetic":
         return SyntheticImages(d["synthetic_size"], size)
-    root = d["path"]
-    if d["source"] == "demo":
-        root = out_dir / "demo_data"
+    if d["source"] == "shards":
+        sources = load_index(d["path"])[0]
+    elif d["source"] == "demo":
         if is_main:
-            build_demo_folder(root)
+            build_demo_folder(out_dir / "demo_data")
         barrier()
-    return SeededImages(list_images(root), pretrain_transform(size, d["crop_min_scale"]))
+        sources = list_images(out_dir / "demo_data")
+    else:
+        sources = shared_image_list(d["path"], out_dir, is_main)
+    return SeededImages(sources, pretrain_transform(size, d["crop_min_scale"], d["pipeline"]))
 
 
 def restore(cfg: dict, model: RCMAE, checkpointer: ckpt.Checkpointer, out_dir: Path) -> int:
@@ -154,6 +167,10 @@ def main(cfg: dict) -> dict:
                                                   run.amp_dtype)
     device_type = device.type
     accum = validate(cfg, env.world_size)
+    if cfg["data"]["pipeline"] == "gpu" and device_type != "cuda":
+        log.warning("data.pipeline=gpu decodes with nvJPEG and needs CUDA; on %s this run uses the fast CPU "
+                    "pipeline instead (the same crops and flips for the same seed)", device_type)
+        cfg["data"]["pipeline"] = "fast"
 
     m, o = cfg["model"], cfg["optim"]
     torch.manual_seed(t["seed"])  # identical initial weights on every rank
@@ -185,11 +202,12 @@ def main(cfg: dict) -> dict:
     step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, o["clip_grad"], scaler,
                         on_update=model.update_teacher, metric_keys=METRICS)
 
+    collate = collate_for(cfg["data"]["pipeline"]) or default_collate
     batches = train_batches(dataset, t["micro_batch"], accum, env.world_size, env.rank, t["seed"],
-                            start_step, cfg["data"]["num_workers"], device_type == "cuda")
+                            start_step, cfg["data"]["num_workers"], device_type == "cuda", collate)
     n_recon = min(cfg["log"]["recon_images"], len(dataset))  # spread over the (sorted) folders
-    recon_batch = torch.stack([dataset[(i * len(dataset) // n_recon, i)][0]
-                               for i in range(n_recon)]).to(device)
+    recon_batch = model_input(collate([dataset[(i * len(dataset) // n_recon, i)] for i in range(n_recon)])[0],
+                              device, m["img_size"])
     recon_noise = mask_noise(t["seed"] + 1, 0, len(recon_batch), model.student.num_patches, device,
                              model.teacher_mask == "different")
     log.info("model %s (%.1fM student params), teacher: %s, %d process(es), micro-batch %d x accum %d "
@@ -213,7 +231,7 @@ def main(cfg: dict) -> dict:
         for k in range(accum):
             imgs, _, n_skipped = next(batches)
             first = (k * env.world_size + env.rank) * t["micro_batch"]
-            micro.append((imgs.to(device, non_blocking=True), noise[..., first:first + t["micro_batch"], :]))
+            micro.append((model_input(imgs, device, m["img_size"]), noise[..., first:first + t["micro_batch"], :]))
             skipped += int(n_skipped.sum())  # a CPU tensor: no device sync
         if probe:  # before the step: the gradients at the weights the step starts from
             record = probe.measure(step, *micro[0])

@@ -6,7 +6,10 @@ depend on the number of processes, data-loader workers, or where a run was resum
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import logging
+import os
 import random
 import time
 from functools import lru_cache
@@ -23,6 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from rcmae.core.demo_data import build_demo_labelled
 from rcmae.core.distributed import barrier
 from rcmae.core.errors import ConfigError
+from rcmae.core.shards import ShardMember, read_member
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +39,22 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 @contextlib.contextmanager
-def seeded(seed: int):
-    """Seed torch, numpy and ``random`` (torchvision and timm augmentations draw from all three)
-    for the duration of the block, then restore the previous states."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+def seeded(seed: int, torch_only: bool = False):
+    """Seed torch's CPU generator, numpy and ``random`` (torchvision and timm augmentations draw from all
+    three; with ``torch_only``, torch's alone, for transforms that draw nothing else) for the duration of
+    the block, then restore the previous states. (``torch.default_generator`` directly: seeding through
+    ``torch.manual_seed`` also reseeds every accelerator's generator and costs ~70x more.)"""
+    torch_state = torch.get_rng_state()
+    torch.default_generator.manual_seed(seed)
+    if not torch_only:
+        py_state, np_state = random.getstate(), np.random.get_state()
         random.seed(seed)
         np.random.seed(seed)
-        try:
-            yield
-        finally:
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if not torch_only:
             random.setstate(py_state)
             np.random.set_state(np_state)
 
@@ -114,8 +123,29 @@ def list_images(root: str | Path, what: str = "data.path") -> list[str]:
     return [path for path, _ in image_folder_samples(root, {c: i for i, c in enumerate(classes)}, what)]
 
 
+def shared_image_list(root: str | Path, out_dir: Path, is_main: bool, what: str = "data.path") -> list[str]:
+    """:func:`list_images`, scanned once per run: the main process lists the tree and writes
+    ``<out_dir>/image_list.json``; the other processes (and every resume of the run) read that file,
+    so N ranks do not each walk 1.28M files, and a resumed run keeps its sample order even if the
+    folder changed meanwhile (an extra file would shift every index)."""
+    cache = Path(out_dir) / "image_list.json"
+    root = str(Path(root).resolve())
+    if is_main and not (cache.is_file() and json.loads(cache.read_text())["root"] == root):
+        image_folder_classes(root, what)  # the checks, with the config key in the message
+        tmp = cache.with_name(cache.name + ".tmp")
+        files = [os.path.relpath(p, root) for p in list_images(root, what)]
+        tmp.write_text(json.dumps({"root": root, "files": files}))
+        os.replace(tmp, cache)
+    barrier()
+    listed = json.loads(cache.read_text())
+    if listed["root"] != root:
+        raise ConfigError(f"{what}: {cache} lists {listed['root']}, not {root}: use another train.output_dir")
+    return [os.path.join(root, f) for f in listed["files"]]
+
+
 class SeededImages(Dataset):
-    """Images read from ``paths``, indexed by ``(index, seed)`` pairs from :class:`GlobalBatchSampler`.
+    """Images read from ``paths`` (files, or members of tar shards: :mod:`rcmae.core.shards`), indexed by
+    ``(index, seed)`` pairs from :class:`GlobalBatchSampler`.
 
     Items are ``(image, label, skipped)`` (label -1 without ``labels``). For training, an unreadable
     or corrupt file is replaced by the next readable one in the list (with its label); ``skipped``
@@ -137,31 +167,47 @@ class SeededImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> Image.Image:
-        with Image.open(self.paths[index]) as img:
-            return img.convert("RGB")
+    def read(self, index: int, seed: int):
+        """The transformed image ``index`` under the sample's seed. A transform with ``decodes = True``
+        gets the file's bytes (it decodes only what it needs); others get the decoded RGB image."""
+        source = self.paths[index]
+        if getattr(self.transform, "decodes", False):  # such transforms draw from torch alone
+            data = read_member(source) if isinstance(source, ShardMember) else Path(source).read_bytes()
+            with seeded(seed, torch_only=True):
+                return self.transform(data)
+        opened = io.BytesIO(read_member(source)) if isinstance(source, ShardMember) else source
+        with Image.open(opened) as img, seeded(seed):
+            return self.transform(img.convert("RGB"))
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
         for skipped in range(min(self.max_skips, len(self.paths))):
             path_index = (index + skipped) % len(self.paths)
             try:
-                img = self.load(path_index)
+                return self.read(path_index, seed), self.labels[path_index], skipped
             except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on bad files
                 log.warning("skipping unreadable image %s: %s", self.paths[path_index], e)
                 if not self.replace_unreadable:
                     return self.blank(), -1, 1
-                continue
-            with seeded(seed):
-                return self.transform(img), self.labels[path_index], skipped
         raise RuntimeError(f"{self.max_skips} consecutive unreadable images from "
                            f"{self.paths[index]}: check the data folder")
-
 
     def blank(self):
         if self._blank is None:
             self._blank = torch.zeros_like(self.transform(Image.new("RGB", (256, 256))))
         return self._blank
+
+
+def to_model_input(imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch as the model takes it, on ``device``: uint8 batches (the fast pipelines hand over raw
+    pixels, 4x less to copy) are normalised there with the ImageNet mean / std; float batches are
+    already normalised."""
+    imgs = imgs.to(device, non_blocking=True)
+    if imgs.dtype != torch.uint8:
+        return imgs
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return (imgs.float() - mean) / std
 
 
 class SyntheticImages(Dataset):
@@ -241,12 +287,13 @@ class TimedIterator:
 
 
 def train_batches(dataset, micro_batch: int, accum: int, world: int, rank: int, seed: int,
-                  start_step: int, num_workers: int, pin_memory: bool):
+                  start_step: int, num_workers: int, pin_memory: bool, collate_fn=None):
     """Endless iterator over this process's micro-batches from optimizer step ``start_step`` on (timed:
     see :class:`TimedIterator`)."""
     sampler = GlobalBatchSampler(len(dataset), micro_batch, accum, world, rank, seed, start_step)
     return TimedIterator(iter(DataLoader(dataset, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
-                           pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0)))
+                                         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0,
+                                         collate_fn=collate_fn)))
 
 
 @lru_cache(maxsize=None)

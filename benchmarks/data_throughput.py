@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""Images per second of the pretraining input pipelines, against the official MAE code's torchvision one.
+
+  python benchmarks/data_throughput.py                        # generates an ImageNet-like folder, all cores
+  python benchmarks/data_throughput.py --data /imagenet/train --workers 16 --images 20000 --json out.json
+
+Baseline (exactly the official ``main_pretrain.py``): ``torchvision.datasets.ImageFolder`` +
+RandomResizedCrop(224, scale (0.2, 1), bicubic) + RandomHorizontalFlip + ToTensor + Normalize. Ours: the
+``fast`` pipeline of ``pretrain/data.py`` (``data.pipeline``), and the GPU path where CUDA is present. Each
+runs through a DataLoader (batch 64, shuffled) once with a single worker process (images/s per core: the
+worker decodes, the main process only collates) and once with ``--workers`` processes (total), on the same
+images. A quality check decodes the same seeded samples with both and reports PSNR and the largest
+difference (0-255) on identical crop boxes. The last line reads ``per-core speedup vs torchvision: X.XX``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from rcmae.core.data import IMAGENET_MEAN, IMAGENET_STD, SeededImages, list_images, seeded
+from rcmae.pretrain.data import pretrain_transform
+
+SIZE, MIN_SCALE, BATCH = 224, 0.2, 64
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="an ImageFolder tree of JPEGs (default: generate one)")
+    p.add_argument("--generated", default="output/bench_jpegs", help="where to generate it")
+    p.add_argument("--images", type=int, default=1024, help="images timed per pipeline and worker setting")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes for the total")
+    p.add_argument("--quality-samples", type=int, default=64)
+    p.add_argument("--json", default=None, metavar="PATH")
+    return p.parse_args(argv)
+
+
+def generate_folder(root: Path, per_photo: int = 64) -> Path:
+    """ImageNet-like JPEGs (500 x 375 or 375 x 500, quality 90) cut from the photos scikit-image ships."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from rcmae.core.demo_data import DEMO_PHOTOS
+
+    if (root / ".complete").exists():
+        return root
+    rng = np.random.default_rng(0)
+    for name in DEMO_PHOTOS:
+        photo = getattr(skimage.data, name)()
+        photo = Image.fromarray(photo[0] if isinstance(photo, tuple) else photo).convert("RGB")
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(per_photo):
+            size = (500, 375) if k % 2 else (375, 500)
+            scale = rng.uniform(0.5, 1.0)
+            w, h = int(photo.width * scale), int(photo.height * scale)
+            x, y = int(rng.integers(0, photo.width - w + 1)), int(rng.integers(0, photo.height - h + 1))
+            photo.crop((x, y, x + w, y + h)).resize(size, Image.BICUBIC).save(root / name / f"{name}_{k:04d}.JPEG",
+                                                                                quality=90)
+    (root / ".complete").touch()
+    return root
+
+
+def official_dataset(root: Path):
+    tf = transforms.Compose([transforms.RandomResizedCrop(SIZE, scale=(MIN_SCALE, 1.0), interpolation=3),
+                             transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return datasets.ImageFolder(str(root), transform=tf)
+
+
+class Seeded(torch.utils.data.Dataset):
+    """Our pipelines index by (index, seed); a plain index here, its seed fixed by the index."""
+
+    def __init__(self, images: SeededImages):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[(i, i)][0]
+
+
+def images_per_s(dataset, n: int, workers: int) -> float:
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers,
+                        persistent_workers=False, prefetch_factor=4 if workers else None,
+                        generator=torch.Generator().manual_seed(0))
+    it, seen = iter(loader), 0
+    next(it)  # workers started, first batch out of the way
+    start = time.perf_counter()
+    while seen < n:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            continue
+        seen += len(batch[0]) if isinstance(batch, list) else len(batch)
+    return seen / (time.perf_counter() - start)
+
+
+def quality(root: Path, n: int) -> dict:
+    """PSNR and largest difference (0-255) between the fast and the official pipeline on the same seeded
+    samples: the same crop box and flip, decoded and resized by each."""
+    paths = list_images(root)[:: max(1, len(list_images(root)) // n)][:n]
+    fast, official = (SeededImages(paths, pretrain_transform(SIZE, MIN_SCALE, p)) for p in ("fast", "torchvision"))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    psnrs, worst = [], 0.0
+    for i in range(len(paths)):
+        ours = fast[(i, i)][0].float()
+        theirs = (official[(i, i)][0] * std + mean) * 255
+        diff = ours - theirs
+        psnrs.append(float(10 * torch.log10(255 ** 2 / diff.pow(2).mean().clamp_min(1e-12))))
+        worst = max(worst, float(diff.abs().max()))
+    return {"samples": len(paths), "psnr_min": min(psnrs), "psnr_mean": sum(psnrs) / len(psnrs), "max_abs_diff": worst}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    root = Path(args.data) if args.data else generate_folder(Path(args.generated))
+    with seeded(0):
+        pipelines = {"torchvision (official MAE)": official_dataset(root),
+                     "fast": Seeded(SeededImages(list_images(root), pretrain_transform(SIZE, MIN_SCALE, "fast")))}
+    rows = []
+    for name, dataset in pipelines.items():
+        per_core = images_per_s(dataset, args.images, 1)
+        total = images_per_s(dataset, args.images, args.workers)
+        rows.append({"pipeline": name, "per_core_img_s": per_core, "workers": args.workers, "total_img_s": total})
+        print(f"{name:28s} {per_core:8.0f} img/s per core   {total:8.0f} img/s with {args.workers} workers", flush=True)
+    q = quality(root, args.quality_samples)
+    print(f"quality on {q['samples']} identical crop boxes: PSNR min {q['psnr_min']:.1f} dB, mean {q['psnr_mean']:.1f} dB, "
+          f"largest difference {q['max_abs_diff']:.0f} / 255")
+    speedup = rows[1]["per_core_img_s"] / rows[0]["per_core_img_s"]
+    result = {"data": str(root), "images": args.images, "rows": rows, "quality": q, "per_core_speedup": speedup,
+              "total_speedup": rows[1]["total_img_s"] / rows[0]["total_img_s"], "torch": torch.__version__,
+              "cpus": len(os.sched_getaffinity(0))}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"per-core speedup vs torchvision: {speedup:.2f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

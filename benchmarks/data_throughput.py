@@ -6,7 +6,9 @@
 
 Baseline (exactly the official ``main_pretrain.py``): ``torchvision.datasets.ImageFolder`` +
 RandomResizedCrop(224, scale (0.2, 1), bicubic) + RandomHorizontalFlip + ToTensor + Normalize. Ours: the
-``fast`` pipeline of ``pretrain/data.py`` (``data.pipeline``), and the GPU path where CUDA is present. Each
+``fast`` pipeline of ``pretrain/data.py`` (``data.pipeline``), and the ``gpu`` one where CUDA is present
+(loader workers read bytes and draw crops, nvJPEG decodes in the main process: its "per core" figure is
+what one worker feeds, its total what the GPU sustains). Each
 runs through a DataLoader (batch 64, shuffled) once with a single worker process (images/s per core: the
 worker decodes, the main process only collates) and once with ``--workers`` processes (total), on the same
 images. A quality check decodes the same seeded samples with both and reports PSNR and the largest
@@ -24,8 +26,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from rcmae.core.data import IMAGENET_MEAN, IMAGENET_STD, SeededImages, list_images, seeded
+from rcmae.core.data import IMAGENET_MEAN, IMAGENET_STD, SeededImages, list_images
 from rcmae.pretrain.data import pretrain_transform
+from rcmae.pretrain.gpu_data import collate_encoded, decode_on_device
 
 SIZE, MIN_SCALE, BATCH = 224, 0.2, 64
 
@@ -87,10 +90,13 @@ class Seeded(torch.utils.data.Dataset):
         return self.images[(i, i)][0]
 
 
-def images_per_s(dataset, n: int, workers: int) -> float:
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers,
+def images_per_s(dataset, n: int, workers: int, on_gpu: bool = False) -> float:
+    """Loader throughput; ``on_gpu``: the GPU pipeline, whose batches are decoded on the device here."""
+    collate = (lambda items: collate_encoded([(x, 0, 0) for x in items])[0]) if on_gpu else None
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, collate_fn=collate,
                         persistent_workers=False, prefetch_factor=4 if workers else None,
                         generator=torch.Generator().manual_seed(0))
+    device = torch.device("cuda") if on_gpu else None
     it, seen = iter(loader), 0
     next(it)  # workers started, first batch out of the way
     start = time.perf_counter()
@@ -100,7 +106,11 @@ def images_per_s(dataset, n: int, workers: int) -> float:
         except StopIteration:
             it = iter(loader)
             continue
-        seen += len(batch[0]) if isinstance(batch, list) else len(batch)
+        if on_gpu:
+            batch = decode_on_device(batch, SIZE, device)
+        seen += len(batch)
+    if on_gpu:
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
 
@@ -123,13 +133,16 @@ def quality(root: Path, n: int) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     root = Path(args.data) if args.data else generate_folder(Path(args.generated))
-    with seeded(0):
-        pipelines = {"torchvision (official MAE)": official_dataset(root),
-                     "fast": Seeded(SeededImages(list_images(root), pretrain_transform(SIZE, MIN_SCALE, "fast")))}
+    paths = list_images(root)
+    pipelines = {"torchvision (official MAE)": official_dataset(root),
+                 "fast": Seeded(SeededImages(paths, pretrain_transform(SIZE, MIN_SCALE, "fast")))}
+    if torch.cuda.is_available():  # workers read bytes, nvJPEG decodes: "per core" is the workers' share
+        pipelines["gpu (nvJPEG)"] = Seeded(SeededImages(paths, pretrain_transform(SIZE, MIN_SCALE, "gpu")))
     rows = []
     for name, dataset in pipelines.items():
-        per_core = images_per_s(dataset, args.images, 1)
-        total = images_per_s(dataset, args.images, args.workers)
+        on_gpu = name.startswith("gpu")
+        per_core = images_per_s(dataset, args.images, 1, on_gpu)
+        total = images_per_s(dataset, args.images, args.workers, on_gpu)
         rows.append({"pipeline": name, "per_core_img_s": per_core, "workers": args.workers, "total_img_s": total})
         print(f"{name:28s} {per_core:8.0f} img/s per core   {total:8.0f} img/s with {args.workers} workers", flush=True)
     q = quality(root, args.quality_samples)

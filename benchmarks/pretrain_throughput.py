@@ -149,8 +149,9 @@ def input_batches(args, device: torch.device):
     else:
         sources = list_images(args.data, "--data")
     transform = pretrain_transform(args.img_size, DEFAULTS["data"]["crop_min_scale"], args.pipeline)
+    collate = collate_for(args.pipeline)
     return train_batches(SeededImages(sources, transform), args.batch, 1, 1, 0, SEED, 0, args.workers,
-                         device.type == "cuda", collate_for(args.pipeline))
+                         device.type == "cuda" and collate is None, collate)
 
 
 def main(argv=None) -> dict:

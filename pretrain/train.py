@@ -204,7 +204,8 @@ def main(cfg: dict) -> dict:
 
     collate = collate_for(cfg["data"]["pipeline"]) or default_collate
     batches = train_batches(dataset, t["micro_batch"], accum, env.world_size, env.rank, t["seed"],
-                            start_step, cfg["data"]["num_workers"], device_type == "cuda", collate)
+                            start_step, cfg["data"]["num_workers"], device_type == "cuda" and collate is default_collate,
+                            collate)  # the GPU pipeline's bytes need no pinned copy
     n_recon = min(cfg["log"]["recon_images"], len(dataset))  # spread over the (sorted) folders
     recon_batch = model_input(collate([dataset[(i * len(dataset) // n_recon, i)] for i in range(n_recon)])[0],
                               device, m["img_size"])

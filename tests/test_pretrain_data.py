@@ -98,7 +98,8 @@ def test_device_normalisation_equals_to_tensor_and_normalize():
 
 def test_folder_and_shards_train_identically_and_resume_exactly(tmp_path, imagenet):
     """The fast pipeline end to end: a JPEG folder and its shards give the same weights, and a run
-    stopped mid-epoch and resumed (with a loader worker this time) ends where the straight run does."""
+    stopped mid-epoch and resumed (with a loader worker this time) ends where the straight run does;
+    ``data.pipeline=gpu`` without CUDA says so and trains exactly as ``fast``."""
     import json
 
     from conftest import micro_config
@@ -109,7 +110,8 @@ def test_folder_and_shards_train_identically_and_resume_exactly(tmp_path, imagen
 
     write_shards(imagenet / "train", tmp_path / "shards", shard_bytes=20_000, progress=False)
     folder = ["data.source=folder", f"data.path={imagenet / 'train'}", "optim.epochs=3"]
-    runs = {"straight": folder, "shards": ["data.source=shards", f"data.path={tmp_path / 'shards'}", "optim.epochs=3"]}
+    runs = {"straight": folder, "shards": ["data.source=shards", f"data.path={tmp_path / 'shards'}", "optim.epochs=3"],
+            "gpu_on_cpu": [*folder, "data.pipeline=gpu"]}
     for name, overrides in runs.items():
         main(micro_config(tmp_path / name, overrides))
     main(micro_config(tmp_path / "split", [*folder, "train.stop_at_step=3"]))
@@ -118,9 +120,11 @@ def test_folder_and_shards_train_identically_and_resume_exactly(tmp_path, imagen
         main(micro_config(tmp_path / "split", [*folder, "data.num_workers=1"]))
     finally:
         (imagenet / "train" / "n07920052" / "late_arrival.JPEG").unlink()
-    final = {name: read_checkpoint(find_last_checkpoint(tmp_path / name)) for name in ("straight", "shards", "split")}
+    final = {name: read_checkpoint(find_last_checkpoint(tmp_path / name))
+             for name in ("straight", "shards", "split", "gpu_on_cpu")}
     assert final["straight"].raw["step"] == 6 and final["split"].raw["step"] == 6
-    for name in ("shards", "split"):
+    assert "data.pipeline=gpu decodes with nvJPEG and needs CUDA" in (tmp_path / "gpu_on_cpu" / "log.txt").read_text()
+    for name in ("shards", "split", "gpu_on_cpu"):
         for k, v in final["straight"].teacher.items():
             assert torch.equal(final[name].teacher[k], v), (name, k)
     listed = json.loads((tmp_path / "split" / "image_list.json").read_text())

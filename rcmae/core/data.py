@@ -194,7 +194,12 @@ class SeededImages(Dataset):
 
     def blank(self):
         if self._blank is None:
-            self._blank = torch.zeros_like(self.transform(Image.new("RGB", (256, 256))))
+            img = Image.new("RGB", (256, 256))
+            if getattr(self.transform, "decodes", False):  # such transforms take a file's bytes
+                encoded = io.BytesIO()
+                img.save(encoded, "PNG")
+                img = encoded.getvalue()
+            self._blank = torch.zeros_like(self.transform(img))
         return self._blank
 
 

@@ -2,9 +2,10 @@
 report, and whole-detector checkpoints through a strict detectron2 checkpointer.
 
 detectron2's own loader matches names heuristically and skips what it cannot match, or what has
-another shape, with only a log line; here every encoder tensor is mapped by name to
-``backbone.net.*`` and the load fails if any ViT block weight was not loaded, and a detector
-checkpoint with a missing tensor or one of another shape is an error naming the key.
+another shape, with only a log line; here every encoder tensor is mapped by name to the ViT's place
+in the detector (``backbone.net.*`` in ViTDet, ``backbone.bottom_up.net.*`` in the benchmark's FPN
+model) and the load fails if any ViT block weight was not loaded, and a detector checkpoint with a
+missing tensor or one of another shape is an error naming the key.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import math
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling.backbone.vit import ViT
 from timm.layers import resample_patch_embed
 
 from rcmae.core.checkpoint import LoadReport, load_state, read_checkpoint
@@ -20,14 +22,22 @@ from rcmae.core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-PREFIX = "backbone.net."
 # pretraining-only or not used by ViTDet (no cls token, no final norm)
 DROPPED = ("cls_token", "norm.", "fc_norm.", "head.", "mask_token", "decoder")
 
 
-def convert_to_detectron2(path: str, which: str = "auto", patch_size: int | None = None) -> dict:
+def vit_of(model: torch.nn.Module) -> tuple[str, ViT]:
+    """The detector's ViT and its key prefix (``backbone.net.`` in ViTDet)."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, ViT)]
+    if len(found) != 1:
+        raise CheckpointError(f"expected one detectron2 ViT in the model, found {len(found)}")
+    return found[0][0] + ".", found[0][1]
+
+
+def convert_to_detectron2(path: str, which: str = "auto", patch_size: int | None = None,
+                          prefix: str = "backbone.net.") -> dict:
     """Encoder of a pretraining (ours: teacher by default; MAE; RC-MAE), exported, fine-tuned or timm
-    checkpoint, renamed to ``backbone.net.*``. ``patch_size``: resample the patch-embedding kernel
+    checkpoint, renamed to ``<prefix>*``. ``patch_size``: resample the patch-embedding kernel
     (ViT-H/14 -> 16, as ViTDet does)."""
     ckpt = read_checkpoint(path)
     chosen, sd = ckpt.model(which)
@@ -42,7 +52,7 @@ def convert_to_detectron2(path: str, which: str = "auto", patch_size: int | None
             log.info("resampling the patch embedding from %dx%d to %dx%d", v.shape[-2], v.shape[-1],
                      patch_size, patch_size)
             v = resample_patch_embed(v, [patch_size, patch_size])
-        out[PREFIX + k] = v
+        out[prefix + k] = v
     log.info("converted %d encoder tensors of %s (%s, %s weights) to detectron2 keys", len(out), path,
              ckpt.source, chosen)
     return out
@@ -52,17 +62,17 @@ def load_vit_backbone(model: torch.nn.Module, path: str, which: str = "auto") ->
     """Load the converted encoder into a detectron2 model (:func:`load_state`); fail loudly unless every
     ViT block and embedding tensor is loaded. Only the relative position tables (ViTDet initialises them
     at zero), the pyramid and the heads start from their initialisation."""
-    net = model.backbone.net
-    sd = convert_to_detectron2(path, which, net.patch_embed.proj.kernel_size[0])
-    pos_embed, own = sd.get(PREFIX + "pos_embed"), net.pos_embed
-    hint = (pos_embed_hint(net, tuple(pos_embed.shape)) if pos_embed is not None and pos_embed.shape != own.shape
-            else None)
+    prefix, net = vit_of(model)
+    sd = convert_to_detectron2(path, which, net.patch_embed.proj.kernel_size[0], prefix)
+    pos_embed, own = sd.get(prefix + "pos_embed"), net.pos_embed
+    hint = (pos_embed_hint(net, tuple(pos_embed.shape), prefix)
+            if pos_embed is not None and pos_embed.shape != own.shape else None)
     return load_state(model, sd, f"{path} as the ViTDet backbone",
-                      may_miss=lambda key: not key.startswith(PREFIX) or ".rel_pos_" in key,
+                      may_miss=lambda key: not key.startswith(prefix) or ".rel_pos_" in key,
                       hint=hint or "Check the config's embed_dim / depth / patch_size / pretrain_img_size.")
 
 
-def pos_embed_hint(net: torch.nn.Module, shape: tuple) -> str | None:
+def pos_embed_hint(net: torch.nn.Module, shape: tuple, prefix: str) -> str | None:
     """How to make detectron2's ViT take a position embedding of ``shape`` (1, positions, dim) as it is.
 
     The ViT stores the pretraining grid (``pretrain_img_size / patch_size`` a side, plus the cls
@@ -78,10 +88,10 @@ def pos_embed_hint(net: torch.nn.Module, shape: tuple) -> str | None:
         return None
     own_side = math.isqrt(own[1] - cls_rows)
     patch = net.patch_embed.proj.kernel_size[0]
-    return (f"backbone.net.pos_embed holds a {side}x{side} position grid ({shape[1]} positions), the config "
+    return (f"{prefix}pos_embed holds a {side}x{side} position grid ({shape[1]} positions), the config "
             f"a {own_side}x{own_side} one (pretrain_img_size {own_side * patch} / patch {patch}); "
             f"detectron2's ViT resizes the stored grid to the input's at run time, so add the override "
-            f"model.backbone.net.pretrain_img_size={side * patch} to use these weights as they were trained")
+            f"model.{prefix}pretrain_img_size={side * patch} to use these weights as they were trained")
 
 
 class StrictDetectionCheckpointer(DetectionCheckpointer):
@@ -92,7 +102,8 @@ class StrictDetectionCheckpointer(DetectionCheckpointer):
         incompatible = super()._load_model(checkpoint)
         problems = []
         for key, saved, wanted in incompatible.incorrect_shapes:
-            hint = pos_embed_hint(self.model.backbone.net, saved) if key == PREFIX + "pos_embed" else None
+            prefix, net = vit_of(self.model)
+            hint = pos_embed_hint(net, saved, prefix) if key == prefix + "pos_embed" else None
             problems.append(hint or f"{key} has shape {tuple(saved)} in the checkpoint, {tuple(wanted)} in the "
                                     f"model built from the config")
         reshaped = {key for key, _, _ in incompatible.incorrect_shapes}  # dropped, so also "missing"

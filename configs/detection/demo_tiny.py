@@ -6,8 +6,8 @@
 # From the pretraining demo's teacher: train.init_checkpoint=output/demo_pretrain/checkpoint_00000640.pth
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.layers import ShapeSpec
 
+from .common.demo_heads import shrink_heads
 from .mask_rcnn_vitdet_b_100ep import dataloader, lr_multiplier, model, optimizer, train
 
 net = model.backbone.net
@@ -16,18 +16,7 @@ net.embed_dim, net.depth, net.num_heads, net.drop_path_rate = 128, 4, 4, 0.0
 net.window_size, net.window_block_indexes = 8, [0, 2]
 del net  # an alias, not a config section
 model.backbone.square_pad = 256
-model.backbone.out_channels = 64
-model.proposal_generator.head.in_channels = 64
-model.proposal_generator.pre_nms_topk = (500, 500)
-model.proposal_generator.post_nms_topk = (100, 100)
-model.roi_heads.num_classes = 1
-model.roi_heads.batch_size_per_image = 128
-model.roi_heads.box_head.input_shape = ShapeSpec(channels=64, height=7, width=7)
-model.roi_heads.box_head.conv_dims = [64]
-model.roi_heads.box_head.fc_dims = [128]
-model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=128)
-model.roi_heads.mask_head.input_shape = ShapeSpec(channels=64, height=14, width=14)
-model.roi_heads.mask_head.conv_dims = [64, 64]
+shrink_heads(model)
 
 datasets = dict(coins_demo=dict(json_file="{demo}/coins.json", image_root="{demo}/images"))
 dataloader.train.dataset.names = "coins_demo"

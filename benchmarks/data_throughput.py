@@ -146,7 +146,8 @@ def main(argv=None) -> dict:
         rows.append({"pipeline": name, "per_core_img_s": per_core, "workers": args.workers, "total_img_s": total})
         print(f"{name:28s} {per_core:8.0f} img/s per core   {total:8.0f} img/s with {args.workers} workers", flush=True)
     q = quality(root, args.quality_samples)
-    print(f"quality on {q['samples']} identical crop boxes: PSNR min {q['psnr_min']:.1f} dB, mean {q['psnr_mean']:.1f} dB, "
+    print(f"quality on {q['samples']} identical crop boxes: PSNR min {q['psnr_min']:.1f} dB, "
+          f"mean {q['psnr_mean']:.1f} dB, "
           f"largest difference {q['max_abs_diff']:.0f} / 255")
     speedup = rows[1]["per_core_img_s"] / rows[0]["per_core_img_s"]
     result = {"data": str(root), "images": args.images, "rows": rows, "quality": q, "per_core_speedup": speedup,

@@ -139,7 +139,8 @@ def bench_gamma(args, gamma: float, device: torch.device, amp_dtype, peak: float
     achieved = flops / step_s / 1e12
     return {"gamma": gamma, "mode": "RC-MAE" if model.teacher is not None else "MAE",
             "img_per_s": args.batch / step_s, "step_ms": step_s * 1e3, "gflop_per_step": flops / 1e9,
-            "tflops": achieved, "mfu": achieved / peak, "mem_gib": mem_gib, "mem_kind": mem_kind, "data_wait": data_wait}
+            "tflops": achieved, "mfu": achieved / peak, "mem_gib": mem_gib, "mem_kind": mem_kind,
+            "data_wait": data_wait}
 
 
 def input_batches(args, device: torch.device):

@@ -72,12 +72,14 @@ def validate(cfg: dict, world: int = 1) -> None:
             validate_pretrain(pretrain_config(cfg, variant), world)
     p = cfg["probe"]
     if "probe" in cfg["sections"]:
-        if p["checkpoint"] is None and ("compare" not in cfg["sections"] or "rcmae_same" not in cfg["compare"]["variants"]):
+        compared = "compare" in cfg["sections"] and "rcmae_same" in cfg["compare"]["variants"]
+        if p["checkpoint"] is None and not compared:
             raise ConfigError("the probe needs probe.checkpoint, or the compare section with its rcmae_same runs")
         if p["checkpoint"] is not None and not Path(p["checkpoint"]).is_file():
             raise FileNotFoundError(f"probe.checkpoint: {p['checkpoint']} does not exist")
         if p["checkpoint"] is not None and not (p["data_path"] or cfg["data"]["train_path"]):
-            raise ConfigError("probe.checkpoint needs images: probe.data_path (or data.train_path), an ImageFolder tree")
+            raise ConfigError("probe.checkpoint needs images: probe.data_path (or data.train_path), "
+                              "an ImageFolder tree")
         for key, path in (("probe.data_path", p["data_path"]), ("data.train_path", cfg["data"]["train_path"]),
                           ("data.val_path", cfg["data"]["val_path"])):
             if path is not None:

@@ -117,7 +117,8 @@ def evaluate_run(r: dict, imgs: torch.Tensor, heldout_seed: int) -> dict:
     for key in ("heldout_recon", "teacher_heldout_recon"):
         curves[key] = [(step, v[key]) for step, v in by_step if key in v]
     timed = [x["step_s"] for x in train[1:]] or [x["step_s"] for x in train]  # the first window warms up
-    final = {"step": by_step[-1][0], **by_step[-1][1], "knn_top1": curves["knn_top1"][-1][1] if curves["knn_top1"] else None,
+    final = {"step": by_step[-1][0], **by_step[-1][1],
+             "knn_top1": curves["knn_top1"][-1][1] if curves["knn_top1"] else None,
              "train_recon": train[-1]["recon"], "step_s": statistics.median(timed),
              "mem_gb": max(x["mem_gb"] for x in train)}
     return {"variant": r["variant"], "seed": r["seed"], "dir": str(r["dir"]), "final": final, "curves": curves}
@@ -155,7 +156,8 @@ def plot_curves(results: list[dict], variants: list[str], keys: list[tuple[str, 
             steps, mean, std = mean_curve(results, v, key)
             if steps:
                 ax.plot(steps, mean, marker="." if len(steps) < 30 else None, label=v)
-                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                alpha=0.2)
         ax.set_xlabel("optimizer step")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)

@@ -203,9 +203,9 @@ def main(cfg: dict) -> dict:
                         on_update=model.update_teacher, metric_keys=METRICS)
 
     collate = collate_for(cfg["data"]["pipeline"]) or default_collate
+    pin = device_type == "cuda" and collate is default_collate  # the GPU pipeline's bytes need no pinned copy
     batches = train_batches(dataset, t["micro_batch"], accum, env.world_size, env.rank, t["seed"],
-                            start_step, cfg["data"]["num_workers"], device_type == "cuda" and collate is default_collate,
-                            collate)  # the GPU pipeline's bytes need no pinned copy
+                            start_step, cfg["data"]["num_workers"], pin, collate)
     n_recon = min(cfg["log"]["recon_images"], len(dataset))  # spread over the (sorted) folders
     recon_batch = model_input(collate([dataset[(i * len(dataset) // n_recon, i)] for i in range(n_recon)])[0],
                               device, m["img_size"])
@@ -214,7 +214,8 @@ def main(cfg: dict) -> dict:
     log.info("model %s (%.1fM student params), teacher: %s, %d process(es), micro-batch %d x accum %d "
              "= batch %d, %d steps/epoch, %d steps in all, peak lr %.3g, precision %s, device %s",
              m["arch"], sum(p.numel() for p in model.student.parameters()) / 1e6,
-             f"EMA ({cfg['rcmae']['momentum_schedule']} schedule)" if model.teacher is not None else "none (MAE)", env.world_size, t["micro_batch"],
+             f"EMA ({cfg['rcmae']['momentum_schedule']} schedule)" if model.teacher is not None else "none (MAE)",
+             env.world_size, t["micro_batch"],
              accum, global_batch, steps_per_epoch, total_steps, peak_lr, precision, device)
 
     metrics = MetricLogger(device, out_dir if env.is_main else None, cfg,
@@ -268,7 +269,8 @@ def main(cfg: dict) -> dict:
         log.info("epoch %d k-NN top-1 %.2f top-5 %.2f", loop.epoch, result["knn_top1"], result["knn_top5"])
 
     def reconstruction(loop) -> None:
-        fig = save_reconstruction(model, recon_batch, recon_noise, out_dir / f"reconstruction_epoch{loop.epoch:04d}.png",
+        fig = save_reconstruction(model, recon_batch, recon_noise,
+                                  out_dir / f"reconstruction_epoch{loop.epoch:04d}.png",
                                   f"{m['arch']} epoch {loop.epoch}")
         log.info("reconstruction figure: %s", fig)
 

@@ -71,14 +71,17 @@ def test_imagenet_command_and_the_probe_of_every_checkpoint_origin(tmp_path, ima
     torch.save({"model": ours.student, "epoch": 1}, tmp_path / "mae_full.pth")
     torch.save({"student": {f"module.{k}": v for k, v in ours.student.items()}, "teacher": ours.teacher,
                 "epoch": 1}, tmp_path / "rcmae_official.pth")
-    for name, path in (("ours", ours.path), ("mae", tmp_path / "mae_full.pth"), ("rcmae", tmp_path / "rcmae_official.pth")):
+    files = {"ours": ours.path, "mae": tmp_path / "mae_full.pth", "rcmae": tmp_path / "rcmae_official.pth"}
+    for name, path in files.items():
         probe_out = tmp_path / f"probe_{name}"
         run("tools/analyze_teacher.py", "sections=[probe]", f"probe.checkpoint={path}",
-            f"probe.data_path={imagenet / 'train'}", "probe.trials=2", "probe.batch_size=4", f"train.output_dir={probe_out}")
+            f"probe.data_path={imagenet / 'train'}", "probe.trials=2", "probe.batch_size=4",
+            f"train.output_dir={probe_out}")
         probe = json.loads((probe_out / "analysis.json").read_text())["probe"]
         assert probe["checkpoint"] == str(path) and probe["trials"] == 2
         at_ckpt = probe["at_checkpoint"]["ratio_c_r"]["mean"]
-        assert (at_ckpt == 0.0) == (name == "mae"), (name, at_ckpt)  # MAE: teacher = student, nothing to be consistent with
+        # MAE: teacher = student, nothing to be consistent with
+        assert (at_ckpt == 0.0) == (name == "mae"), (name, at_ckpt)
 
 
 def cfg(*overrides):

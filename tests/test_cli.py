@@ -16,7 +16,8 @@ TOOLS = ["pretrain", "finetune", "linprobe", "knn", "eval_robustness", "export_e
 def test_help_imports_no_torch(tool):
     """--help is answered before torch, timm, detectron2 or the training code is imported (~0.1 s)."""
     code = (f"import sys\nfrom rcmae.tools import {tool}\ntry:\n    {tool}.main(['--help'])\n"
-            "except SystemExit:\n    pass\nprint('heavy:', sorted(m for m in ('torch', 'timm', 'numpy', 'detectron2') if m in sys.modules))")
+            "except SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'timm', 'numpy', 'detectron2') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "usage:" in res.stdout and res.stdout.strip().endswith("heavy: []")

@@ -89,7 +89,8 @@ def test_training_probe_measures_against_the_previous_step():
     probe.after_step()
     record = probe.measure(2, imgs, noise)
     change = {n: p.detach() - start[n] for n, p in student_params(model).items()}
-    assert record["cos_c_update"] == pytest.approx(gradient_stats(*loss_gradients(model, imgs, noise), change)["cos_c_update"])
+    expected = gradient_stats(*loss_gradients(model, imgs, noise), change)["cos_c_update"]
+    assert record["cos_c_update"] == pytest.approx(expected)
     assert probe.last_update is None and probe.before_step is None  # nothing kept until the step before the next probe
 
 

@@ -265,8 +265,9 @@ def load_state(module: torch.nn.Module, sd: dict, what: str, may_miss=lambda key
     """The one strict loader: copy ``sd`` into ``module``. A shape mismatch, an unexpected key or a
     missing key that ``may_miss(key)`` does not allow is a :class:`CheckpointError` naming the keys
     (then ``hint``); nothing is skipped silently. Keys in ``recompute`` (fixed sin-cos position
-    embeddings, :data:`FIXED_KEYS`) of another grid size keep the model's recomputed values. ``dropped`` (keys the caller removed on purpose) and
-    ``origin`` (``source``, ``which``) go into the report, which is logged."""
+    embeddings, :data:`FIXED_KEYS`) of another grid size keep the model's recomputed values. ``dropped``
+    (keys the caller removed on purpose) and ``origin`` (``source``, ``which``) go into the report,
+    which is logged."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

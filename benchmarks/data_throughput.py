@@ -117,7 +117,8 @@ def images_per_s(dataset, n: int, workers: int, on_gpu: bool = False) -> float:
 def quality(root: Path, n: int) -> dict:
     """PSNR and largest difference (0-255) between the fast and the official pipeline on the same seeded
     samples: the same crop box and flip, decoded and resized by each."""
-    paths = list_images(root)[:: max(1, len(list_images(root)) // n)][:n]
+    listed = list_images(root)
+    paths = listed[:: max(1, len(listed) // n)][:n]
     fast, official = (SeededImages(paths, pretrain_transform(SIZE, MIN_SCALE, p)) for p in ("fast", "torchvision"))
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     psnrs, worst = [], 0.0

@@ -164,12 +164,14 @@ def test_bad_or_missing_index_is_a_clear_error(shards, tmp_path):
     assert not is_shard_dir(shards)
 
 
-def test_tool_writes_and_reports(folder, tmp_path, capsys):
+def test_tool_writes_and_reports(folder, tmp_path):
+    """The README's command: ``python tools/make_shards.py /imagenet/train /shards/in1k-train --shard-size-mb N``."""
+    from test_readme_commands import run
+
     from rcmae.tools import make_shards
 
     out = tmp_path / "tool"
-    make_shards.main([str(folder), str(out), "--shard-size-mb", str(SHARD_BYTES / 2**20), "--no-progress"])
-    printed = capsys.readouterr().out
+    printed = run("tools/make_shards.py", folder, out, "--shard-size-mb", SHARD_BYTES / 2**20).stdout
     members, _, _ = load_index(out)
     shards = len({m.shard for m in members})
     assert shards > 2 and f"wrote {shards} shards, 12 samples of 3 classes" in printed

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -176,7 +177,9 @@ def test_wandb_logs_offline_and_a_resumed_run_continues_the_same_wandb_run(micro
     run_id = (out / "wandb_id").read_text().strip()
     assert [(i["id"], i["mode"], i["project"], i["resume"]) for i in inits] == [(run_id, "offline", "unit", "allow")] * 2
     assert inits[0]["config"]["log"]["wandb"] == "offline" and inits[0]["dir"] == out
-    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one per start, one W&B run id
+    # one offline run folder per start (W&B adds "-1" when two starts fall in one second), all of the one run id
+    folders = [f.name for f in (out / "wandb").glob("offline-run-*")]
+    assert len(folders) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", f) for f in folders)
     # every metrics.jsonl line reaches W&B, with the step as x axis
     lines = metrics(out)
     assert [r["step"] for r in logged] == [r["step"] for r in lines]

@@ -130,16 +130,15 @@ def shared_image_list(root: str | Path, out_dir: Path, is_main: bool, what: str 
     folder changed meanwhile (an extra file would shift every index)."""
     cache = Path(out_dir) / "image_list.json"
     root = str(Path(root).resolve())
-    if is_main and not (cache.is_file() and json.loads(cache.read_text())["root"] == root):
-        image_folder_classes(root, what)  # the checks, with the config key in the message
+    listed = json.loads(cache.read_text()) if is_main and cache.is_file() else None
+    if is_main and (listed is None or listed["root"] != root):  # first start, or another data.path
+        listed = {"root": root, "files": [os.path.relpath(p, root) for p in list_images(root, what)]}
         tmp = cache.with_name(cache.name + ".tmp")
-        files = [os.path.relpath(p, root) for p in list_images(root, what)]
-        tmp.write_text(json.dumps({"root": root, "files": files}))
+        tmp.write_text(json.dumps(listed))
         os.replace(tmp, cache)
     barrier()
-    listed = json.loads(cache.read_text())
-    if listed["root"] != root:
-        raise ConfigError(f"{what}: {cache} lists {listed['root']}, not {root}: use another train.output_dir")
+    if listed is None:
+        listed = json.loads(cache.read_text())
     return [os.path.join(root, f) for f in listed["files"]]
 
 

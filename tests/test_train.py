@@ -179,7 +179,8 @@ def test_wandb_logs_offline_and_a_resumed_run_continues_the_same_wandb_run(micro
     assert inits[0]["config"]["log"]["wandb"] == "offline" and inits[0]["dir"] == out
     # one offline run folder per start (W&B adds "-1" when two starts fall in one second), all of the one run id
     folders = [f.name for f in (out / "wandb").glob("offline-run-*")]
-    assert len(folders) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", f) for f in folders)
+    name = rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?"
+    assert len(folders) == 2 and all(re.fullmatch(name, f) for f in folders)
     # every metrics.jsonl line reaches W&B, with the step as x axis
     lines = metrics(out)
     assert [r["step"] for r in logged] == [r["step"] for r in lines]

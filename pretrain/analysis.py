@@ -24,7 +24,7 @@ import torch
 
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 from rcmae.core.config import load_config
-from rcmae.core.data import SeededImages, image_folder_classes, list_images, to_model_input
+from rcmae.core.data import SeededImages, image_folder_classes, labelled_images, to_model_input
 from rcmae.core.errors import ConfigError
 from rcmae.core.run import start_run
 from rcmae.pretrain.compare import VARIANTS, compare, run_dir
@@ -90,11 +90,11 @@ class ProbeImages:
     """The probe's images, by class folder (listed once)."""
 
     def __init__(self, data_path: str | Path, img_size: int, crop_min_scale: float):
-        paths = list_images(data_path, "probe.data_path")
+        paths, labels, _ = labelled_images(data_path, "folder", "probe.data_path")
         self.images = SeededImages(paths, pretrain_transform(img_size, crop_min_scale))
-        self.by_class: dict[str, list[int]] = {}
-        for i, path in enumerate(paths):
-            self.by_class.setdefault(Path(path).parent.name, []).append(i)
+        self.by_class: dict[int, list[int]] = {}
+        for i, label in enumerate(labels):
+            self.by_class.setdefault(label, []).append(i)
         if len(self.by_class) < 2:
             raise ConfigError(f"{data_path}: the probe needs two class folders at least (B1 and unrelated images)")
 

@@ -209,9 +209,15 @@ def to_model_input(imgs: torch.Tensor, device: torch.device) -> torch.Tensor:
     imgs = imgs.to(device, non_blocking=True)
     if imgs.dtype != torch.uint8:
         return imgs
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    mean, std = pixel_mean_std(device)
     return (imgs.float() - mean) / std
+
+
+@lru_cache(maxsize=None)
+def pixel_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean / std in 0-255 units on ``device``, made once: a fresh ``torch.tensor(..., device=cuda)``
+    every step would be a blocking host-to-device copy in the training step."""
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 class SyntheticImages(Dataset):

@@ -6,7 +6,7 @@ from rcmae.core.defaults import KNN_DEFAULTS
 DEFAULTS = {
     "model": {"arch": "vit_base_patch16", "img_size": 224, "decoder_dim": 512, "decoder_depth": 8,
               "decoder_heads": 16, "mask_ratio": 0.75, "norm_pix_loss": True},
-    # momentum_schedule: cosine (ours, default) | official (the official code's, see rcmae.teacher_momenta)
+    # momentum_schedule: cosine (ours, default) | official (the official code's lr and EMA timing, see rcmae.StepSchedules)
     "rcmae": {"gamma": 1.0, "momentum": 0.996, "teacher_mask": "same", "momentum_schedule": "cosine"},
     # source: folder (ImageFolder) | shards (tools/make_shards.py) | demo | synthetic
     # pipeline: fast (default) | torchvision (the official transforms as they are); see pretrain/data.py

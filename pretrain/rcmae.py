@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from rcmae.core.checkpoint import FIXED_KEYS, PretrainCheckpoint, load_state
-from rcmae.core.schedules import momentum_at
+from rcmae.core.errors import ConfigError
+from rcmae.core.schedules import lr_at, momentum_at
 from rcmae.core.vit import infer_arch
 from rcmae.pretrain.models import MaskedAutoencoderViT, build_mae, masked_mean, random_masking_ids
 
@@ -21,26 +22,76 @@ MOMENTUM_SCHEDULES = ("cosine", "official")
 METRICS = ("loss", "recon", "consistency")  # what RCMAE.forward reports each step
 
 
-def teacher_momenta(schedule: str, step: int, steps_per_epoch: int, total_steps: int, accum: int,
-                    base: float) -> list[float]:
-    """Momenta of the EMA updates belonging to optimizer step ``step`` (0-based, global), in order.
+def official_micro_batches(num_samples: int, world: int, micro_batch: int) -> int:
+    """Micro-batches per process and epoch in the official loop: its ``DistributedSampler`` pads the
+    data to a multiple of the world size, its loader drops the partial last micro-batch (ImageNet-1k
+    on 8 x 256: ceil(1,281,167 / 8) // 256 = 625)."""
+    return -(-num_samples // world) // micro_batch
 
-    ``cosine`` (ours): one update after the optimizer step; the cosine runs over the optimizer
-    steps of the whole run.
-    ``official`` (the official RC-MAE ``engine_pretrain.py``, which produced the paper's numbers):
-    one update after every micro-batch, the last one after the optimizer step; the cosine table has
-    epochs x micro-batches-per-epoch entries but is indexed by the micro-batch *within the epoch*,
-    so the momentum never leaves ~``base``. Under accumulation A the teacher moves A times per
-    optimizer step (A - 1 times towards the not yet updated student).
+
+class StepSchedules:
+    """The lr and the teacher's EMA momenta of each optimizer step (``rcmae.momentum_schedule``).
+
+    ``cosine`` (ours): per-step lr (linear warmup, half-cycle cosine) over the optimizer steps; one EMA
+    update after each optimizer step, momentum cosine from ``momentum`` to 1 over the run's steps.
+
+    ``official`` (the official RC-MAE ``engine_pretrain.py``, which produced the paper's numbers)
+    counts the ``micro_per_epoch`` micro-batches its loader yields (:func:`official_micro_batches`):
+    the lr is set before micro-batch ``i = step_in_epoch x accum`` at epoch ``epoch + i /
+    micro_per_epoch``; the teacher moves after *every* micro-batch ``i`` with entry ``i`` (the index
+    within the epoch) of a cosine table of ``epochs x micro_per_epoch`` entries, so the momentum
+    never leaves ~``momentum``, and under accumulation A it moves A times per optimizer step (A - 1
+    times towards the not yet updated student). The micro-batches left after an epoch's last
+    optimizer step (1 for ViT-B/L on ImageNet-1k: 625 = 312 x 2 + 1) run forward and backward there,
+    and their gradient is discarded by the next epoch's ``zero_grad``: only their EMA updates change
+    any weight, so those are all that is run here (:meth:`leftover_momenta`).
     """
-    if schedule == "cosine":
-        return [momentum_at(step, total_steps, base)]
-    if schedule == "official":
-        per_epoch = steps_per_epoch * accum
-        table = per_epoch * (total_steps // steps_per_epoch)
-        first = (step % steps_per_epoch) * accum
-        return [momentum_at(first + a, table, base) for a in range(accum)]
-    raise ValueError(f"rcmae.momentum_schedule must be one of {MOMENTUM_SCHEDULES}, got {schedule!r}")
+
+    def __init__(self, kind: str, steps_per_epoch: int, epochs: int, accum: int, warmup_epochs: float,
+                 peak_lr: float, min_lr: float, momentum: float, micro_per_epoch: int | None = None):
+        if kind not in MOMENTUM_SCHEDULES:
+            raise ConfigError(f"rcmae.momentum_schedule must be one of {MOMENTUM_SCHEDULES}, got {kind!r}")
+        micro_per_epoch = steps_per_epoch * accum if micro_per_epoch is None else micro_per_epoch
+        if kind == "official" and micro_per_epoch // accum != steps_per_epoch:
+            raise ConfigError(f"the official loop would run {micro_per_epoch // accum} optimizer steps an epoch "
+                              f"({micro_per_epoch} micro-batches of accumulation {accum}), this run "
+                              f"{steps_per_epoch}: choose another micro-batch for rcmae.momentum_schedule=official")
+        self.kind, self.steps_per_epoch, self.epochs, self.accum = kind, steps_per_epoch, epochs, accum
+        self.warmup_epochs, self.peak_lr, self.min_lr, self.momentum = warmup_epochs, peak_lr, min_lr, momentum
+        self.micro_per_epoch = micro_per_epoch
+        # the time axis of the lr schedule: optimizer steps (ours) or the official loop's micro-batches
+        self.ticks_per_epoch, self.ticks_per_step = ((micro_per_epoch, accum) if kind == "official"
+                                                     else (steps_per_epoch, 1))
+
+    @property
+    def leftover(self) -> int:
+        """Micro-batches per epoch after the last optimizer step (official only; 0 for ours)."""
+        return self.micro_per_epoch - self.steps_per_epoch * self.accum if self.kind == "official" else 0
+
+    def lr(self, step: int) -> float:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        ticks = self.ticks_per_epoch
+        return lr_at(epoch * ticks + in_epoch * self.ticks_per_step, int(self.warmup_epochs * ticks),
+                     self.epochs * ticks, self.peak_lr, self.min_lr)
+
+    def momenta(self, step: int) -> list[float]:
+        """Momenta of optimizer step ``step``'s EMA updates, in order (``TrainStep``'s ``update_args``:
+        the last after the optimizer step, the others after micro-batches 0, 1, ...)."""
+        if self.kind == "cosine":
+            return [momentum_at(step, self.epochs * self.steps_per_epoch, self.momentum)]
+        first = (step % self.steps_per_epoch) * self.accum
+        return self.official_entries(first, first + self.accum)
+
+    def leftover_momenta(self, step: int) -> list[float]:
+        """Momenta of the EMA updates of the leftover micro-batches that follow step ``step`` (the
+        last of an epoch, official only); empty otherwise."""
+        if self.leftover == 0 or (step + 1) % self.steps_per_epoch:
+            return []
+        return self.official_entries(self.steps_per_epoch * self.accum, self.micro_per_epoch)
+
+    def official_entries(self, start: int, stop: int) -> list[float]:
+        table = self.epochs * self.micro_per_epoch  # the official table's length; indexed within the epoch
+        return [momentum_at(i, table, self.momentum) for i in range(start, stop)]
 
 
 class RCMAE(nn.Module):

@@ -31,7 +31,6 @@ from rcmae.core.run import (
     progress,
     start_run,
 )
-from rcmae.core.schedules import lr_at
 from rcmae.core.shards import is_shard_dir, load_index
 from rcmae.core.vit import build_classifier, check_arch, is_encoder_key
 from rcmae.pretrain.data import PIPELINES, collate_for, model_input, pretrain_transform
@@ -41,10 +40,11 @@ from rcmae.pretrain.rcmae import (
     METRICS,
     MOMENTUM_SCHEDULES,
     RCMAE,
+    StepSchedules,
     build_optimizer,
     mask_noise,
+    official_micro_batches,
     param_groups,
-    teacher_momenta,
 )
 from rcmae.pretrain.visualize import save_reconstruction
 
@@ -188,8 +188,12 @@ def main(cfg: dict) -> dict:
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(dataset)} images cannot fill one batch of optim.batch_size={global_batch}")
     total_steps = o["epochs"] * steps_per_epoch
-    warmup_steps = int(o["warmup_epochs"] * steps_per_epoch)
     peak_lr = o["lr"] if o["lr"] is not None else o["base_lr"] * global_batch / 256
+    kind = cfg["rcmae"]["momentum_schedule"]
+    schedules = StepSchedules(kind, steps_per_epoch, o["epochs"], accum, o["warmup_epochs"], peak_lr, o["min_lr"],
+                              cfg["rcmae"]["momentum"],
+                              official_micro_batches(len(dataset), env.world_size, t["micro_batch"])
+                              if kind == "official" else None)
     ck = cfg["checkpoint"]
     checkpointer = ckpt.Checkpointer(out_dir, ck["keep"], optimizer, param_names, scaler, cfg, steps_per_epoch,
                                      env.rank)
@@ -217,6 +221,10 @@ def main(cfg: dict) -> dict:
              f"EMA ({cfg['rcmae']['momentum_schedule']} schedule)" if model.teacher is not None else "none (MAE)",
              env.world_size, t["micro_batch"],
              accum, global_batch, steps_per_epoch, total_steps, peak_lr, precision, device)
+    if schedules.leftover:
+        log.info("official schedule: %d micro-batches per process and epoch as in the official loop; the %d left "
+                 "after an epoch's last optimizer step update the teacher only (their gradient is discarded there)",
+                 schedules.micro_per_epoch, schedules.leftover)
 
     metrics = MetricLogger(device, out_dir if env.is_main else None, cfg,
                            bool(o["clip_grad"]), keys=METRICS, prefix="pretrain")
@@ -224,9 +232,7 @@ def main(cfg: dict) -> dict:
     current = {"record": {}}
 
     def train_step(step: int) -> None:
-        lr = lr_at(step, warmup_steps, total_steps, peak_lr, o["min_lr"])
-        momenta = teacher_momenta(cfg["rcmae"]["momentum_schedule"], step, steps_per_epoch, total_steps,
-                                  accum, cfg["rcmae"]["momentum"])
+        lr, momenta = schedules.lr(step), schedules.momenta(step)
         noise = mask_noise(t["seed"], step, global_batch, model.student.num_patches, device,
                            model.teacher_mask == "different")
         micro, skipped = [], 0
@@ -241,6 +247,8 @@ def main(cfg: dict) -> dict:
                 metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4),
                                **{f"probe_{k}": v for k, v in record.items()}}, env.is_main)
         sums = step_fn(micro, lr, momenta)
+        for momentum in schedules.leftover_momenta(step):  # official: the epoch's leftover micro-batches
+            model.update_teacher(momentum)
         if probe:
             probe.after_step()
         metrics.add(step, sums, accum, skipped, accum * t["micro_batch"], batches.take_wait())

@@ -1,9 +1,13 @@
-"""The GPU decode pipeline (pretrain/gpu_data.py) against the ``fast`` one, run on the CPU, on real photos."""
+"""The GPU decode pipeline (pretrain/gpu_data.py) against the ``fast`` one, on real photos: on the CPU
+everywhere, with nvJPEG where CUDA is present."""
 from __future__ import annotations
 
+import pytest
 import skimage.data
 import torch
+from conftest import micro_config
 from PIL import Image
+from test_train import metrics
 from torch.utils.data import DataLoader
 
 import rcmae.pretrain.gpu_data as gpu_data
@@ -17,11 +21,16 @@ from rcmae.pretrain.gpu_data import (
     gpu_decodable_shape,
     jpeg_frame,
 )
+from rcmae.pretrain.train import main as pretrain
 
 CPU = torch.device("cpu")
 SIZE, MIN_SCALE = 224, 0.2
 SEEDS = range(40)
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs CUDA")
+# torchvision's own bound for nvJPEG against libjpeg-turbo (test/test_image.py, test_decode_jpegs_cuda):
+# mean absolute difference below 2 levels; the IDCT and chroma upsampling differ, not only the rounding
+NVJPEG_MEAN_DIFF = 2.0
 
 
 def save_photo(folder, name: str, fmt: str = "JPEG", mode: str = "RGB", size=(500, 375), **options) -> str:
@@ -170,3 +179,59 @@ def test_collate_through_a_data_loader(tmp_path):
             assert len({d.untyped_storage().data_ptr() for d in encoded}) == 1
             assert pixels_diff(decode_on_device(samples, SIZE, CPU), torch.stack([w[0] for w in want])).max() <= 3
         assert sum(s.tolist().count(1) for _, _, s in batches) == 4  # both bad files, both seeds
+
+
+@needs_cuda
+def test_nvjpeg_batch_matches_the_fast_pipeline(tmp_path):
+    """One batched nvJPEG decode of device-decodable JPEGs (baseline, progressive, grayscale, portrait)
+    interleaved with worker-decoded files (PNG, CMYK): every sample in its place, within nvJPEG's
+    tolerance of the ``fast`` pipeline; worker-decoded pixels exactly; a flipped or misplaced crop far off."""
+    jpegs, fallbacks = photo_files(tmp_path)
+    paths = jpegs + fallbacks
+    items = [(i, seed) for seed in range(4) for i in range(len(paths))]
+    expected, samples = fast_and_encoded(paths, items)
+    assert all(dct_scale(s.box[2], s.box[3], SIZE) == 1 for s in samples)  # full-scale decoding on both sides
+    cuda = torch.device("cuda")
+    out = decode_on_device(samples, SIZE, cuda)
+    assert out.shape == (len(items), 3, SIZE, SIZE) and out.dtype == torch.uint8 and out.device.type == "cuda"
+    diff = pixels_diff(out.cpu(), expected)
+    per_sample = diff.flatten(1).float().mean(1)
+    print(f"nvJPEG vs fast: largest difference {int(diff.max())}, mean {float(per_sample.mean()):.3f}, "
+          f"worst sample mean {float(per_sample.max()):.3f}")
+    on_device = torch.tensor([s.data is not None for s in samples])
+    assert on_device.any() and not on_device.all()
+    assert per_sample.max() < NVJPEG_MEAN_DIFF
+    assert diff[~on_device].max() == 0  # decoded by the workers, copied as they are
+
+    flipped = [s._replace(flip=not s.flip) for s in samples]
+    shifted = [s._replace(box=(s.box[0] // 2, s.box[1] // 2, s.box[2] // 2, s.box[3] // 2)) for s in samples]
+    for wrong in (flipped, shifted):
+        wrong_diff = pixels_diff(decode_on_device(wrong, SIZE, cuda).cpu(), expected)
+        # on the CPU the least wrong sample is 6.7 levels off on average: at least 4.7 with nvJPEG's 2
+        assert wrong_diff.flatten(1).float().mean(1)[on_device].min() > 2 * NVJPEG_MEAN_DIFF
+
+
+@needs_cuda
+def test_pretraining_with_the_gpu_pipeline_on_cuda(imagenet, tmp_path, monkeypatch):
+    """``data.pipeline=gpu`` on CUDA: loader workers hand over bytes, every training batch is decoded on
+    the GPU, and the run trains to its end (finite losses, checkpoint and exported encoder)."""
+    decoded = []
+
+    def recording_decode(samples, size, device):
+        out = decode_on_device(samples, size, device)
+        decoded.append((len(samples), out.device.type, out.shape[-1]))
+        return out
+
+    monkeypatch.setattr(gpu_data, "decode_on_device", recording_decode)
+    cfg = micro_config(tmp_path / "run", ["data.source=folder", f"data.path={imagenet / 'train'}",
+                                          "data.pipeline=gpu", "data.num_workers=2", "train.device=cuda",
+                                          "optim.epochs=1", "log.every_steps=1"])
+    out = pretrain(cfg)
+    assert cfg["data"]["pipeline"] == "gpu"  # not switched to the CPU pipeline
+    steps = out["step"]
+    assert steps == out["total_steps"] == 2  # 16 images, batch 8
+    # the reconstruction figure's 4 images, then one micro-batch of 8 per step, all on the GPU at 32 px
+    assert decoded == [(4, "cuda", 32)] + [(8, "cuda", 32)] * steps
+    losses = [r["loss"] for r in metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == steps and all(0 < loss < 10 for loss in losses)
+    assert out["checkpoint"] and out["encoder"]

@@ -50,6 +50,16 @@ def test_resume_is_exact(micro_cfg, tmp_path):
     assert len(list_checkpoints(tmp_path / "split")) == 2  # retention: keep = 2
 
 
+def test_official_schedule_resumes_exactly_after_an_epochs_leftover_micro_batch(micro_cfg, tmp_path):
+    """36 images in micro-batches of 4 with accumulation 2: the official schedule's 9th micro-batch of each
+    epoch moves the teacher after step 4; a run stopped there and resumed equals the straight run."""
+    layout = ("rcmae.momentum_schedule=official", "data.synthetic_size=36", "train.micro_batch=4", "optim.epochs=2")
+    main(micro_cfg(*layout, out="straight"))
+    main(micro_cfg(*layout, "train.stop_at_step=4", out="split"))
+    main(micro_cfg(*layout, out="split"))
+    assert_same_state(weights(tmp_path / "straight"), weights(tmp_path / "split"))
+
+
 def test_gradient_accumulation_matches_full_batch(micro_cfg, tmp_path):
     main(micro_cfg("optim.epochs=1", out="full"))
     main(micro_cfg("optim.epochs=1", "train.micro_batch=4", out="accum"))

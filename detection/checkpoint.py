@@ -61,14 +61,20 @@ def convert_to_detectron2(path: str, which: str = "auto", patch_size: int | None
 def load_vit_backbone(model: torch.nn.Module, path: str, which: str = "auto") -> LoadReport:
     """Load the converted encoder into a detectron2 model (:func:`load_state`); fail loudly unless every
     ViT block and embedding tensor is loaded. Only the relative position tables (ViTDet initialises them
-    at zero), the pyramid and the heads start from their initialisation."""
+    at zero), the pyramid and the heads start from their initialisation, and a position grid of the
+    backbone's own (MIMDet's sin-cos, ``MultiDepthViT(sincos_pos_grid=True)``), which replaces the
+    checkpoint's."""
     prefix, net = vit_of(model)
     sd = convert_to_detectron2(path, which, net.patch_embed.proj.kernel_size[0], prefix)
-    pos_embed, own = sd.get(prefix + "pos_embed"), net.pos_embed
+    grid_key = prefix + "pos_embed"
+    own_grid = any(getattr(m, "sincos_pos_grid", False) for m in model.modules())
+    dropped = [grid_key] if own_grid and sd.pop(grid_key, None) is not None else []
+    pos_embed = sd.get(grid_key)
     hint = (pos_embed_hint(net, tuple(pos_embed.shape), prefix)
-            if pos_embed is not None and pos_embed.shape != own.shape else None)
-    return load_state(model, sd, f"{path} as the ViTDet backbone",
-                      may_miss=lambda key: not key.startswith(prefix) or ".rel_pos_" in key,
+            if pos_embed is not None and pos_embed.shape != net.pos_embed.shape else None)
+    return load_state(model, sd, f"{path} as the ViTDet backbone", dropped=dropped,
+                      may_miss=lambda key: not key.startswith(prefix) or ".rel_pos_" in key
+                      or (own_grid and key == grid_key),
                       hint=hint or "Check the config's embed_dim / depth / patch_size / pretrain_img_size.")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ class DatasetError(ValueError):
 
 
 def validate_coco_json(json_file: str | Path, image_root: str | Path) -> dict:
-    """Check a COCO instances file before detectron2 reads it; errors name the file and the problem."""
+    """Check a COCO instances file before detectron2 reads it (its keys and annotations, that it has
+    images and annotations, that every image file exists); errors name the file and the problem. Boxes
+    beyond their image are a logged warning with their count."""
     json_file, image_root = Path(json_file), Path(image_root)
     if not json_file.is_file():
         raise DatasetError(f"annotation file {json_file} does not exist")
@@ -65,10 +68,52 @@ def validate_coco_json(json_file: str | Path, image_root: str | Path) -> dict:
             break
     if problems:
         raise DatasetError(f"{json_file}: malformed annotations:\n  " + "\n  ".join(problems))
-    first = next(iter(images.values()), None)
-    if first is not None and not (image_root / first["file_name"]).is_file():
-        raise DatasetError(f"{json_file}: image {first['file_name']} not found under {image_root}")
+    if not images:
+        raise DatasetError(f"{json_file}: lists no images")
+    if not data["annotations"]:
+        raise DatasetError(f"{json_file}: has no annotations for its {len(images)} images: nothing to train on "
+                           "or to evaluate against")
+    absent = missing_files(image_root, [img["file_name"] for img in images.values()])
+    if absent:
+        raise DatasetError(f"{json_file}: {len(absent)} of its {len(images)} images are not under {image_root}, "
+                           f"e.g. {', '.join(absent[:5])}")
+    warn_boxes_outside(json_file, data["annotations"], images)
     return data
+
+
+def missing_files(root: Path, names: list[str]) -> list[str]:
+    """The ``names`` (paths relative to ``root``) that are not files. One directory listing per folder
+    instead of a stat per image: seconds for COCO's 118k images, even on a network file system."""
+    listed: dict[Path, set[str]] = {}
+    absent = []
+    for name in names:
+        folder = (root / name).parent
+        if folder not in listed:
+            try:
+                listed[folder] = {e.name for e in os.scandir(folder) if e.is_file()}
+            except (FileNotFoundError, NotADirectoryError):
+                listed[folder] = set()
+        if Path(name).name not in listed[folder]:
+            absent.append(name)
+    return absent
+
+
+BOX_TOLERANCE = 1.0  # px: COCO's own float boxes overshoot their image by rounding
+
+
+def warn_boxes_outside(json_file: Path, annotations: list[dict], images: dict) -> None:
+    """Log how many boxes reach beyond their image by more than :data:`BOX_TOLERANCE` (detectron2 clips
+    them to the image, so such boxes train on a smaller region than annotated), with examples."""
+    outside = []
+    for ann in annotations:
+        x, y, w, h = ann["bbox"]
+        img = images[ann["image_id"]]
+        if min(x, y) < -BOX_TOLERANCE or x + w > img["width"] + BOX_TOLERANCE or y + h > img["height"] + BOX_TOLERANCE:
+            outside.append(f"annotation {ann.get('id', '?')} {ann['bbox']} in {img['file_name']} "
+                           f"({img['width']}x{img['height']})")
+    if outside:
+        log.warning("%s: %d of %d boxes extend beyond their image (detectron2 clips them to it), e.g. %s",
+                    json_file, len(outside), len(annotations), "; ".join(outside[:3]))
 
 
 def register_coco(name: str, json_file: str | Path, image_root: str | Path) -> None:

@@ -1,7 +1,7 @@
 """Checks of a detection run made before anything starts here (one process, detectron2's launch,
-torchrun) or is submitted (``--slurm``, ``--dry-run``): the config and its overrides, the datasets,
-the initial weights, the batch layout and the output directory. A typo fails in seconds instead of after the queue wait, and every problem
-found is reported at once."""
+torchrun) or is submitted (``--slurm``), and the plan ``--dry-run`` prints once they pass: the config
+and its overrides, the datasets, the initial weights, the batch layout and the output directory. A
+typo fails in seconds instead of after the queue wait, and every problem found is reported at once."""
 from __future__ import annotations
 
 import difflib
@@ -14,6 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from rcmae.core.config import config_path
 from rcmae.core.errors import ConfigError
 from rcmae.detection.data import DatasetError, validate_coco_json
 
@@ -23,11 +24,11 @@ _ABSENT = object()
 
 
 def load_config(config_file: str, overrides: list[str]):
-    """A LazyConfig file with ``key=value`` overrides applied; an override must name a key the config
-    has (new keys only under ``datasets``), so a misspelt key is an error, not a silently added one."""
-    path = Path(config_file)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """A LazyConfig file (a path, or a shipped config's name from any directory:
+    ``configs/detection/demo_tiny.py``, ``detection/demo_tiny``) with ``key=value`` overrides applied;
+    an override must name a key the config has (new keys only under ``datasets``), so a misspelt key
+    is an error, not a silently added one."""
+    path = config_path(config_file)
     try:
         cfg = LazyConfig.load(str(path))
     except Exception as e:  # noqa: BLE001 - any error of a user's Python config, reported by name
@@ -177,3 +178,34 @@ def check_run(cfg, *, eval_only: bool, resume: bool, world_size: int, extra_data
     problems = [p for p in problems if p]
     if problems:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
+
+
+def run_plan(cfg, *, config_file: str, eval_only: bool, resume: bool, world_size: int, extra_datasets=()) -> str:
+    """What a run of ``cfg`` would do (``--dry-run``): config, processes, model, data, weights, outputs."""
+    out = Path(cfg.train.output_dir).resolve()
+    target = cfg.model._target_
+    net = OmegaConf.select(cfg, "model.backbone.net") or OmegaConf.select(cfg, "model.backbone.bottom_up.net")
+    batch = cfg.dataloader.train.total_batch_size
+    if eval_only:
+        what = "evaluation"
+    else:
+        what = (f"training, {cfg.train.max_iter} iterations at batch {batch} ({batch // world_size} per process), "
+                f"lr {cfg.optimizer.lr}, AMP {'on' if cfg.train.amp.enabled else 'off'}")
+    lines = [f"config:     {config_file}",
+             f"run:        {what}{', resuming from ' + str(out / 'last_checkpoint') if resumes(cfg, resume) else ''}",
+             f"processes:  {world_size}, device {cfg.train.device}",
+             f"model:      {getattr(target, '__name__', target)}"
+             + (f", ViT {net.embed_dim} wide, {net.depth} blocks, {net.img_size} px" if net is not None else "")]
+    by_path, seen = path_datasets(cfg, extra_datasets), set()
+    for key, name in used_datasets(cfg, eval_only):
+        if name not in seen:
+            seen.add(name)
+            json_file, image_root = by_path[name] if name in by_path else (  # a detectron2 builtin
+                MetadataCatalog.get(name).get("json_file", "?"), MetadataCatalog.get(name).get("image_root", "?"))
+            source = (f"built by the run in {out / 'demo_data'}" if DEMO_DATA in json_file
+                      else f"{json_file}, images in {image_root}")
+            lines.append(f"dataset:    {name} ({key}): {source}")
+    lines += [f"weights:    {cfg.train.init_checkpoint or 'none, a random backbone (train.allow_scratch)'}"
+              f"{' (the detector to evaluate)' if eval_only else ''}",
+              f"output dir: {out}"]
+    return "\n".join(lines)

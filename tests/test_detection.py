@@ -211,8 +211,55 @@ def test_dataset_registration_errors(tmp_path):
         validate_coco_json(_write(tmp_path, good), tmp_path / "nowhere")
     bad = copy.deepcopy(good)
     bad["images"][0]["file_name"] = "b.png"
-    with pytest.raises(DatasetError, match="image b.png not found"):
+    with pytest.raises(DatasetError, match=r"1 of its 1 images are not under .*images, e.g. b.png"):
         validate_coco_json(_write(tmp_path, bad), tmp_path / "images")
+
+
+def test_datasets_without_images_or_annotations_are_errors(tmp_path):
+    empty = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
+    with pytest.raises(DatasetError, match=r"empty.json: lists no images"):
+        validate_coco_json(_write(tmp_path, empty, "empty.json"), tmp_path / "images")
+    unlabelled = {**empty, "images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}]}
+    with pytest.raises(DatasetError, match=r"unlabelled.json: has no annotations for its 1 images"):
+        validate_coco_json(_write(tmp_path, unlabelled, "unlabelled.json"), tmp_path / "images")
+
+
+def test_every_listed_image_must_exist_and_one_listing_per_folder_finds_them(tmp_path, monkeypatch):
+    import os
+
+    names = [f"{folder}/{i:03d}.jpg" for folder in ("a", "b", "c") for i in range(100)]
+    for name in names:
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        if name not in ("b/007.jpg", "c/099.jpg"):
+            (tmp_path / "images" / name).touch()
+    (tmp_path / "images" / "c" / "050.jpg").unlink()
+    (tmp_path / "images" / "c" / "050.jpg").mkdir()  # a folder is not an image
+    coco = {"images": [{"id": i, "file_name": n, "height": 10, "width": 10} for i, n in enumerate(names)],
+            "annotations": [{"id": 1, "image_id": 0, "category_id": 1, "bbox": [1, 1, 3, 3], "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    listings = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: listings.append(path) or scandir(path))
+    with pytest.raises(DatasetError) as error:
+        validate_coco_json(_write(tmp_path, coco, "big.json"), tmp_path / "images")
+    assert str(error.value) == (f"{tmp_path / 'big.json'}: 3 of its 300 images are not under {tmp_path / 'images'}, "
+                                "e.g. b/007.jpg, c/050.jpg, c/099.jpg")
+    assert len(listings) == 3  # cheap on COCO: a listing per folder, not a stat per image
+
+
+def test_boxes_beyond_their_image_are_counted_in_a_warning(tmp_path, caplog):
+    boxes = [[1, 1, 3, 3], [0, 0, 10.4, 10], [-5, 2, 4, 4], [6, 6, 8, 2], [2, 8, 2, 5]]  # 10 x 10 image
+    coco = {"images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}],
+            "annotations": [{"id": i, "image_id": 1, "category_id": 1, "bbox": b, "iscrowd": 0}
+                            for i, b in enumerate(boxes)],
+            "categories": [{"id": 1, "name": "thing"}]}
+    with caplog.at_level("WARNING", logger="rcmae.detection.data"):
+        validate_coco_json(_write(tmp_path, coco), tmp_path / "images")
+    # within 1 px (rounding in COCO's own files) is inside
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'ann.json'}: 3 of 5 boxes extend beyond their image (detectron2 clips them to it), "
+        "e.g. annotation 2 [-5, 2, 4, 4] in a.png (10x10); annotation 3 [6, 6, 8, 2] in a.png (10x10); "
+        "annotation 4 [2, 8, 2, 5] in a.png (10x10)"]
 
 
 @pytest.mark.slow

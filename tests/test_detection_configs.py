@@ -135,7 +135,7 @@ CASCADE_H = {k: v for k, v in CASCADE_B.items() if not k.startswith("optimizer.p
     "train.max_iter": 138281,
     "lr_multiplier.scheduler.milestones": [122916, 133159],
     "lr_multiplier.scheduler.num_updates": 138281,
-    "lr_multiplier.warmup_length": 250 / 138281,
+    "lr_multiplier.warmup_length": 250 / 184375,  # upstream's H leaves B's fraction: ~187 warmup iterations
 }
 # ours, no upstream config: the Mask R-CNN B recipe (upstream's mask_rcnn_vitdet_b_100ep.py at
 # 02b5c4e2, box head 4conv1fc LN, deltas (10, 10, 5, 5)) at the width and heads of ViT-S/16

@@ -156,13 +156,18 @@ def test_eval_only_refuses_a_checkpoint_without_the_heads(tmp_path):
 def test_schedules_and_vit_h_optimizer_match_upstream():
     # detectron2 projects/ViTDet/configs/COCO/mask_rcnn_vitdet_{b_100ep,h_75ep}.py at 02b5c4e2:
     # B/L milestones [163889, 177546] of 184375; H: max_iter 184375 * 3 // 4, milestones * 3 // 4,
-    # optimizer.params.overrides = {} and weight_decay_norm = None
+    # optimizer.params.overrides = {} and weight_decay_norm = None, and B's warmup_length 250 / 184375
+    # left as it is (a fraction of the schedule: ~187.5 iterations of H's 138,281, not 250)
+    upstream_warmup = 250 / 184375
     for name, max_iter, milestones in (("mask_rcnn_vitdet_b_100ep", 184375, [163889, 177546]),
                                        ("mask_rcnn_vitdet_l_100ep", 184375, [163889, 177546]),
-                                       ("mask_rcnn_vitdet_h_75ep", 138281, [122916, 133159])):
+                                       ("mask_rcnn_vitdet_h_75ep", 138281, [122916, 133159]),
+                                       ("cascade_mask_rcnn_vitdet_h_75ep", 138281, [122916, 133159])):
         cfg = LazyConfig.load(str(CONFIGS / f"{name}.py"))
         assert cfg.train.max_iter == max_iter and cfg.lr_multiplier.scheduler.num_updates == max_iter, name
         assert list(cfg.lr_multiplier.scheduler.milestones) == milestones, name
+        assert cfg.lr_multiplier.warmup_length == upstream_warmup, name
+    assert 138281 * upstream_warmup == pytest.approx(187.5, abs=0.01)
     decays = {}
     for name in ("mask_rcnn_vitdet_b_100ep", "mask_rcnn_vitdet_h_75ep"):
         cfg = LazyConfig.load(str(CONFIGS / f"{name}.py"))

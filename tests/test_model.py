@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rcmae.core.schedules import lr_at, momentum_at
-from rcmae.pretrain.models import build_mae, masked_mean, patchify, random_masking_ids, sincos_pos_embed, unpatchify
+from rcmae.core.vit import sincos_pos_embed
+from rcmae.pretrain.models import build_mae, masked_mean, patchify, random_masking_ids, unpatchify
 from rcmae.pretrain.rcmae import RCMAE, param_groups
 
 

@@ -2,10 +2,12 @@
 """ViTDet Mask R-CNN on COCO-format data with detectron2, from RC-MAE / MAE backbones.
 
   python tools/train_det.py                          # CPU demo (no arguments, or --demo): demo_tiny.py on `coins`
+  python tools/train_det.py --demo train.init_checkpoint=output/demo_pretrain/checkpoint_00000640.pth
   python tools/train_det.py --config-file configs/detection/mask_rcnn_vitdet_b_100ep.py --num-gpus 8 \\
       train.init_checkpoint=output/rcmae_vit_base/checkpoint_....pth
   python tools/train_det.py --config-file ... --eval-only train.init_checkpoint=output/vitdet_b_100ep/model_final.pth
   python tools/train_det.py --config-file ... --slurm --nodes 8 --gpus-per-node 8 --partition P --timeout 4320
+  python tools/train_det.py --config-file detection/mask_rcnn_vitdet_b_100ep --dry-run ...  # checks + plan only
   # any COCO-format set: --dataset NAME JSON IMAGE_ROOT dataloader.train.dataset.names=NAME ...
 """
 import argparse
@@ -23,7 +25,9 @@ def parse_args(argv=None):
     """detectron2's ``default_argument_parser`` options (same names and meaning), ours, and the
     cluster launch; built without importing detectron2, so ``--help`` is instant."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--config-file", default="", metavar="FILE", help="a LazyConfig file (configs/detection/*.py)")
+    p.add_argument("--config-file", default="", metavar="FILE",
+                   help="a LazyConfig file, or a shipped one by name from any directory "
+                        "(configs/detection/demo_tiny.py, detection/demo_tiny)")
     p.add_argument("--resume", action="store_true", help="continue from the output directory's last checkpoint")
     p.add_argument("--eval-only", action="store_true", help="evaluate train.init_checkpoint, no training")
     p.add_argument("--num-gpus", type=int, default=1, help="processes on this machine (detectron2's launch)")
@@ -34,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
                    help="register a COCO-format dataset (repeatable)")
     p.add_argument("--demo", action="store_true", help=f"the CPU demo ({DEMO.name}); also what a call "
-                   "without arguments runs")
+                   "without arguments runs. Takes overrides: --demo train.init_checkpoint=PATH")
     add_launch_args(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
@@ -43,7 +47,8 @@ def parse_args(argv=None):
             p.error("--demo runs the demo config; drop --demo to use --config-file")
         args.config_file = str(DEMO)
     elif not args.config_file:  # never fall back to the demo with real settings
-        p.error("--config-file is required (e.g. configs/detection/mask_rcnn_vitdet_b_100ep.py), or --demo")
+        p.error("--config-file is required (e.g. configs/detection/mask_rcnn_vitdet_b_100ep.py), or --demo for "
+                "the CPU demo, which takes overrides too (--demo train.init_checkpoint=PATH)")
     if args.num_machines > 1 and args.dist_url == "auto" and not args.slurm:
         p.error("--num-machines > 1 needs --dist-url tcp://<machine 0's address>:<port>")
     return args
@@ -65,18 +70,24 @@ def run(argv=None):
     from rcmae.core.errors import CheckpointError, ConfigError
     from rcmae.core.launcher import launch
     from rcmae.detection.data import DatasetError
-    from rcmae.detection.preflight import check_run, load_config
+    from rcmae.detection.preflight import check_run, load_config, run_plan
     from rcmae.detection.train import main as train
     from rcmae.detection.train import run_job
 
     try:
+        # a shipped name works from any directory; the processes and tasks get the absolute path
+        args.config_file = str(config_path(args.config_file).resolve())
         cfg = load_config(args.config_file, args.opts)
-        check_run(cfg, eval_only=args.eval_only, resume=args.resume, world_size=world_size(args),
-                  extra_datasets=args.dataset or [])
+        run_args = dict(eval_only=args.eval_only, resume=args.resume, world_size=world_size(args),
+                        extra_datasets=args.dataset or [])
+        check_run(cfg, **run_args)
+        if args.dry_run:  # the checks passed: the plan (with --slurm, the job's sbatch options follow)
+            print(run_plan(cfg, config_file=args.config_file, **run_args))
+            if not args.slurm:
+                return None
         if args.slurm:  # one task per GPU through submitit, requeued + resumed on timeout
             out = str(Path(cfg.train.output_dir).resolve())  # the tasks may start elsewhere
             args.opts = [*args.opts, f"train.output_dir={out}"]
-            args.config_file = str(Path(args.config_file).resolve())
             keep = ("config_file", "resume", "eval_only", "opts", "dataset", "num_gpus",
                     "num_machines", "machine_rank", "dist_url")
             job = {"args": {k: getattr(args, k) for k in keep}, "train": {"output_dir": out, "resume": None}}

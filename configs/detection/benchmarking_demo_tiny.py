@@ -13,7 +13,7 @@ net.embed_dim, net.depth, net.num_heads, net.drop_path_rate = 128, 4, 4, 0.0
 net.window_size, net.window_block_indexes = 8, [0, 2]
 del net  # an alias, not a config section
 model.backbone.bottom_up.out_blocks = [0, 1, 2, 3]
-model.backbone.bottom_up.square_pad = 256
+model.backbone.square_pad = 256
 shrink_heads(model)
 
 train.output_dir = "output/demo_benchmarking_det"

@@ -9,6 +9,10 @@
 # strides 4-32 (detection/multidepth_vit.py) and an FPN with SyncBN instead of the simple pyramid with
 # LN; windows of 16 (64 / 16, no padding); box and mask heads with synchronised BN; AdamW lr 8e-5, wd 0.1,
 # no layer decay; cosine schedule after 0.25 % warmup.
+# 115,571,440 parameters (115.57M); MIMDet reports 118.67M (118,674,184): its new trainable 64 x 64
+# position grid (3,145,728 against the pretrained 14 x 14 grid + cls row we keep, 151,296: +2,994,432)
+# and its BEiT-style relative position bias tables (205,080 against detectron2's decomposed tables,
+# 96,768: +108,312). benchmarking_mask_rcnn_vit_b_100ep_mimdet.py takes MIMDet's position grid and padding.
 from functools import partial
 
 import torch.nn as nn
@@ -32,12 +36,14 @@ model.backbone = L(FPN)(
                    window_size=16, mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
                    window_block_indexes=[0, 1, 3, 4, 6, 7, 9, 10], use_rel_pos=True),  # global: 2, 5, 8, 11
         out_blocks=[2, 5, 8, 11],
-        square_pad=1024,
     ),
     in_features=list(OUT_FEATURES),
     out_channels=256,
     norm="SyncBN",
     top_block=L(LastLevelMaxPool)(),
+    # every image padded to 1024 x 1024 (a 64 x 64 grid) by the model, after normalisation;
+    # GeneralizedRCNN.preprocess_image reads the outer backbone's (this FPN's) padding, not bottom_up's
+    square_pad=1024,
 )
 model.pixel_mean = [123.675, 116.28, 103.53]
 model.pixel_std = [58.395, 57.12, 57.375]

@@ -22,5 +22,5 @@ optimizer.params.weight_decay_norm = None
 train.max_iter = 138281  # 75 epochs at batch 64: upstream's 184375 * 3 // 4
 lr_multiplier.scheduler.milestones = [122916, 133159]  # upstream's B/L milestones * 3 // 4
 lr_multiplier.scheduler.num_updates = train.max_iter
-lr_multiplier.warmup_length = 250 / train.max_iter
+# warmup_length stays B's fraction, 250 / 184375, as upstream's H config leaves it: ~187 of 138,281 iterations
 train.output_dir = "output/vitdet_h_75ep"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
@@ -71,3 +72,23 @@ def build_classifier(arch: str, img_size: int, num_classes: int, global_pool: st
                              norm_layer=partial(nn.LayerNorm, eps=1e-6), **spec)
 
 
+def sincos_pos_embed(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding, shape (1, [1 +] grid_size**2, dim) in MAE's layout.
+
+    The first half of the channels encodes the column index, the second half the row index; each
+    half is [sin, cos] at frequencies 1 / 10000**(i / (dim/4)). The cls token gets a zero row.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos):  # (N,) -> (N, dim/2)
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([encode(cols), encode(rows)], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float().unsqueeze(0)

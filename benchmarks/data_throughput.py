@@ -8,17 +8,22 @@ Baseline (exactly the official ``main_pretrain.py``): ``torchvision.datasets.Ima
 RandomResizedCrop(224, scale (0.2, 1), bicubic) + RandomHorizontalFlip + ToTensor + Normalize. Ours: the
 ``fast`` pipeline of ``pretrain/data.py`` (``data.pipeline``), and the ``gpu`` one where CUDA is present
 (loader workers read bytes and draw crops, nvJPEG decodes in the main process: its "per core" figure is
-what one worker feeds, its total what the GPU sustains). Each
-runs through a DataLoader (batch 64, shuffled) once with a single worker process (images/s per core: the
-worker decodes, the main process only collates) and once with ``--workers`` processes (total), on the same
-images. A quality check decodes the same seeded samples with both and reports PSNR and the largest
+what one worker feeds, its total what the GPU sustains). Each runs through a DataLoader (batch 64,
+shuffled) with a single worker process (images/s per core: the worker decodes, the main process only
+collates) and with ``--workers`` processes (total), on the same images, in ``--rounds`` alternating
+rounds (torchvision, fast, torchvision, fast, ...; ``--images`` split between them): the figures are the
+medians of the rounds, the speed-ups the medians of the ratios of paired rounds, so a shared machine
+busy during a few rounds does not skew them. Images are counted as the first dimension of each batch's
+image tensor. A quality check decodes the same seeded samples with both and reports PSNR and the largest
 difference (0-255) on identical crop boxes. The last line reads ``per-core speedup vs torchvision: X.XX``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -38,10 +43,15 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="an ImageFolder tree of JPEGs (default: generate one)")
     p.add_argument("--generated", default="output/bench_jpegs", help="where to generate it")
     p.add_argument("--images", type=int, default=1024, help="images timed per pipeline and worker setting")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds the images are split into")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes for the total")
     p.add_argument("--quality-samples", type=int, default=64)
     p.add_argument("--json", default=None, metavar="PATH")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("images", "rounds", "workers"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    return args
 
 
 def generate_folder(root: Path, per_photo: int = 64) -> Path:
@@ -90,15 +100,26 @@ class Seeded(torch.utils.data.Dataset):
         return self.images[(i, i)][0]
 
 
-def images_per_s(dataset, n: int, workers: int, on_gpu: bool = False) -> float:
-    """Loader throughput; ``on_gpu``: the GPU pipeline, whose batches are decoded on the device here."""
+def images_in(batch) -> int:
+    """Images in a loader batch: the first dimension of its image tensor, the batch itself (ours) or its
+    first item (ImageFolder's ``[images, labels]``)."""
+    images = batch[0] if isinstance(batch, (list, tuple)) else batch
+    if not (isinstance(images, torch.Tensor) and images.dim() == 4):
+        raise TypeError(f"no image batch (N, C, H, W) in a loader batch of type {type(batch).__name__}")
+    return images.shape[0]
+
+
+def timed_round(dataset, n: int, workers: int, on_gpu: bool = False) -> tuple[int, float]:
+    """(images, seconds) of one round: a fresh loader (no batches prefetched during another pipeline's
+    round), its first batch untimed (workers starting), then whole batches until ``n`` images; ``on_gpu``:
+    the GPU pipeline, whose batches are decoded on the device here."""
     collate = (lambda items: collate_encoded([(x, 0, 0) for x in items])[0]) if on_gpu else None
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, collate_fn=collate,
                         persistent_workers=False, prefetch_factor=4 if workers else None,
                         generator=torch.Generator().manual_seed(0))
     device = torch.device("cuda") if on_gpu else None
     it, seen = iter(loader), 0
-    next(it)  # workers started, first batch out of the way
+    next(it)
     start = time.perf_counter()
     while seen < n:
         try:
@@ -108,10 +129,26 @@ def images_per_s(dataset, n: int, workers: int, on_gpu: bool = False) -> float:
             continue
         if on_gpu:
             batch = decode_on_device(batch, SIZE, device)
-        seen += len(batch)
+        seen += images_in(batch)
     if on_gpu:
         torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
+    return seen, time.perf_counter() - start
+
+
+def alternating_rounds(pipelines: dict, images: int, workers: int, rounds: int) -> dict[str, list[tuple[int, float]]]:
+    """{pipeline: [(images, seconds) of each round]}, the pipelines taking turns round by round, each timing
+    at least ``images / rounds`` images a round."""
+    per_round = math.ceil(images / rounds)
+    timed = {name: [] for name in pipelines}
+    for _ in range(rounds):
+        for name, dataset in pipelines.items():
+            timed[name].append(timed_round(dataset, per_round, workers, on_gpu=name.startswith("gpu")))
+    return timed
+
+
+def median_ratio(ours: list[float], baseline: list[float]) -> float:
+    """The median over paired rounds of ours / baseline (both in images per second)."""
+    return statistics.median(a / b for a, b in zip(ours, baseline))
 
 
 def quality(root: Path, n: int) -> dict:
@@ -139,21 +176,29 @@ def main(argv=None) -> dict:
                  "fast": Seeded(SeededImages(paths, pretrain_transform(SIZE, MIN_SCALE, "fast")))}
     if torch.cuda.is_available():  # workers read bytes, nvJPEG decodes: "per core" is the workers' share
         pipelines["gpu (nvJPEG)"] = Seeded(SeededImages(paths, pretrain_transform(SIZE, MIN_SCALE, "gpu")))
+    per_core = alternating_rounds(pipelines, args.images, 1, args.rounds)
+    total = alternating_rounds(pipelines, args.images, args.workers, args.rounds)
+    rates = {setting: {name: [n / seconds for n, seconds in rounds] for name, rounds in timed.items()}
+             for setting, timed in (("per_core", per_core), ("total", total))}
     rows = []
-    for name, dataset in pipelines.items():
-        on_gpu = name.startswith("gpu")
-        per_core = images_per_s(dataset, args.images, 1, on_gpu)
-        total = images_per_s(dataset, args.images, args.workers, on_gpu)
-        rows.append({"pipeline": name, "per_core_img_s": per_core, "workers": args.workers, "total_img_s": total})
-        print(f"{name:28s} {per_core:8.0f} img/s per core   {total:8.0f} img/s with {args.workers} workers", flush=True)
+    for name in pipelines:
+        rows.append({"pipeline": name, "per_core_img_s": statistics.median(rates["per_core"][name]),
+                     "workers": args.workers, "total_img_s": statistics.median(rates["total"][name]),
+                     "per_core_images": sum(n for n, _ in per_core[name]),
+                     "total_images": sum(n for n, _ in total[name]),
+                     "per_core_rounds": rates["per_core"][name], "total_rounds": rates["total"][name]})
+        print(f"{name:28s} {rows[-1]['per_core_img_s']:8.0f} img/s per core   {rows[-1]['total_img_s']:8.0f} img/s "
+              f"with {args.workers} workers (medians of {args.rounds} rounds)", flush=True)
     q = quality(root, args.quality_samples)
     print(f"quality on {q['samples']} identical crop boxes: PSNR min {q['psnr_min']:.1f} dB, "
           f"mean {q['psnr_mean']:.1f} dB, "
           f"largest difference {q['max_abs_diff']:.0f} / 255")
-    speedup = rows[1]["per_core_img_s"] / rows[0]["per_core_img_s"]
-    result = {"data": str(root), "images": args.images, "rows": rows, "quality": q, "per_core_speedup": speedup,
-              "total_speedup": rows[1]["total_img_s"] / rows[0]["total_img_s"], "torch": torch.__version__,
-              "cpus": len(os.sched_getaffinity(0))}
+    baseline, ours = list(pipelines)[:2]
+    speedup = median_ratio(rates["per_core"][ours], rates["per_core"][baseline])
+    result = {"data": str(root), "images": args.images, "rounds": args.rounds, "rows": rows, "quality": q,
+              "per_core_speedup": speedup,
+              "total_speedup": median_ratio(rates["total"][ours], rates["total"][baseline]),
+              "torch": torch.__version__, "cpus": len(os.sched_getaffinity(0))}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"per-core speedup vs torchvision: {speedup:.2f}")

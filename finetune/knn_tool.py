@@ -22,8 +22,7 @@ def validate(cfg: dict, world: int) -> None:
 
 
 def main(cfg: dict) -> dict:
-    run = start_run(cfg)
-    validate(cfg, run.env.world_size)
+    run = start_run(cfg, validate)  # checked before the output directory is touched
     m, d = cfg["model"], cfg["data"]
     train_set, val_set, num_classes = labelled_eval_sets(d, run.out_dir, run.env.is_main, m["img_size"])
     backbone = build_classifier(m["arch"], m["img_size"], num_classes=0, global_pool="token")

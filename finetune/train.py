@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import Lars
 
 from rcmae.core import checkpoint as ckpt
 from rcmae.core.data import (
@@ -36,6 +35,7 @@ from rcmae.core.run import (
 from rcmae.core.schedules import lr_at
 from rcmae.core.vit import build_classifier, check_arch
 from rcmae.finetune.data import train_transform
+from rcmae.finetune.lars import LARS
 from rcmae.finetune.models import classifier_state, init_head, linear_probe_head, load_backbone
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,17 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
 
 def build_optimizer(model: nn.Module, o: dict, device_type: str):
-    """AdamW with MAE's layer-wise lr decay (``layer_decay_groups``), LARS (linear probe: trust
-    ratio on the weight only, as MAE's LARS) or SGD."""
+    """AdamW with MAE's layer-wise lr decay (``layer_decay_groups``), LARS (linear probe: MAE's rule,
+    :class:`~rcmae.finetune.lars.LARS`) or SGD."""
     if o["name"] == "adamw":
         groups = layer_decay_groups(model, o["weight_decay"], o["layer_decay"])
         fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o["betas"]), **fast)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    matrices = [p for _, p in trainable if p.ndim > 1]
-    vectors = [p for _, p in trainable if p.ndim <= 1]
-    if o["name"] == "lars":
-        return Lars([{"params": matrices, "weight_decay": o["weight_decay"], "always_adapt": True},
-                     {"params": vectors, "weight_decay": 0.0, "always_adapt": False}],
-                    lr=0.0, momentum=o["momentum"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if o["name"] == "lars":  # MAE's probe: one group; LARS itself exempts 1-d tensors
+        return LARS(trainable, lr=0.0, weight_decay=o["weight_decay"], momentum=o["momentum"])
+    matrices = [p for p in trainable if p.ndim > 1]
+    vectors = [p for p in trainable if p.ndim <= 1]
     if o["name"] == "sgd":
         return torch.optim.SGD([{"params": matrices, "weight_decay": o["weight_decay"]},
                                 {"params": vectors, "weight_decay": 0.0}], lr=0.0, momentum=o["momentum"])
@@ -110,14 +108,12 @@ def build_criterion(aug: dict, num_classes: int):
 
 
 def datasets(cfg: dict, run, mode: str):
+    """Training and validation sets of the labelled pair (their classes checked by ``labelled_pair``)."""
     d, size = cfg["data"], cfg["model"]["img_size"]
     train_path, val_path, label_space = labelled_pair(d, run.out_dir, run.env.is_main)
     paths, labels, num_classes = labelled_images(train_path, label_space, "data.train_path")
     train = SeededImages(paths, train_transform(size, cfg["aug"], mode), labels)
-    val, val_classes = eval_dataset(val_path, label_space, size, d["crop_pct"], "data.val_path")
-    if val_classes != num_classes:
-        raise ConfigError(f"data.val_path has {val_classes} classes, data.train_path {num_classes}: "
-                          "use the same class folders (or data.label_space=imagenet1k)")
+    val, _ = eval_dataset(val_path, label_space, size, d["crop_pct"], "data.val_path")
     return train, val, num_classes
 
 
@@ -139,10 +135,10 @@ def validate(cfg: dict, world: int) -> int:
 
 
 def main(cfg: dict) -> dict:
-    run = start_run(cfg)
+    run = start_run(cfg, validate)  # checked before the output directory is touched
     env, device, out_dir = run.env, run.device, run.out_dir
     t, m, o, mode = cfg["train"], cfg["model"], cfg["optim"], cfg["train"]["mode"]
-    accum = validate(cfg, env.world_size)
+    accum = accumulation_steps(o["batch_size"], t["micro_batch"], env.world_size)
     train_set, val_set, num_classes = datasets(cfg, run, mode)
     mixup, criterion = build_criterion(cfg["aug"], num_classes)
 
@@ -236,8 +232,9 @@ def main(cfg: dict) -> dict:
                 weights = classifier_state(model)
                 ckpt.atomic_save({**describe, "model": weights, "eval": result, "config": cfg},
                                  out_dir / "classifier_best.pth")
-                ckpt.save_timm_folder(weights, m["arch"], m["img_size"], out_dir / "classifier_best",
-                                      num_classes, m["global_pool"], cfg["data"]["crop_pct"])
+                classifier = ckpt.timm_vit(weights, m["arch"], m["img_size"], "the best classifier", num_classes,
+                                           m["global_pool"], cfg["data"]["crop_pct"])
+                ckpt.save_timm_folder(classifier, m["arch"], m["img_size"], out_dir / "classifier_best")
 
     hooks = [PeriodicHook(lambda loop: checkpoint_due(loop) or loop.every_steps(cfg["log"]["every_steps"]),
                           log_metrics),

@@ -162,11 +162,11 @@ def knn_monitor(model: RCMAE, sets, cfg: dict, run) -> dict:
 def main(cfg: dict) -> dict:
     """Train; returns a summary (output paths, last metrics). Safe to call again after a requeue."""
     t = cfg["train"]
-    run = start_run(cfg)
+    run = start_run(cfg, validate)  # checked before the output directory is touched
     env, device, out_dir, precision, amp_dtype = (run.env, run.device, run.out_dir, run.precision,
                                                   run.amp_dtype)
     device_type = device.type
-    accum = validate(cfg, env.world_size)
+    accum = accumulation_steps(cfg["optim"]["batch_size"], t["micro_batch"], env.world_size)
     if cfg["data"]["pipeline"] == "gpu" and device_type != "cuda":
         log.warning("data.pipeline=gpu decodes with nvJPEG and needs CUDA; on %s this run uses the fast CPU "
                     "pipeline instead (the same crops and flips for the same seed)", device_type)

@@ -43,8 +43,10 @@ def load_model(path: str | Path, model: str | None = None, which: str = "auto") 
 
         return rcmae_from_checkpoint(ckpt).eval()
     if "head.weight" in sd or model is not None or ckpt.source == "ours-classifier":
-        from rcmae.robustness.models import load_classifier
+        from rcmae.robustness.models import check_model_name, load_classifier  # any number of classes
 
+        if model is not None:
+            check_model_name(model, "load_model(model=...)")
         return load_classifier(str(path), model, None).model.eval()
     encoder = {k: v for k, v in sd.items() if is_encoder_key(k)}
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from rcmae.core.checkpoint import check_checkpoint_option
 from rcmae.core.config import load_config
 from rcmae.core.distributed import all_gather_objects, barrier
-from rcmae.core.errors import ConfigError
+from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.evaluate import evaluate, shard_loader
 from rcmae.core.run import setup_logging, start_run
 from rcmae.robustness.data import (
@@ -29,7 +29,7 @@ from rcmae.robustness.data import (
 )
 from rcmae.robustness.defaults import DATASETS
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES, corruption_errors
-from rcmae.robustness.models import PREPROCESSING, Classifier, load_classifier
+from rcmae.robustness.models import PREPROCESSING, Classifier, check_model_name, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ def validate(cfg: dict, world: int = 1) -> None:
     if m["preprocessing"] not in PREPROCESSING:
         raise ConfigError(f"model.preprocessing must be one of {PREPROCESSING}, got {m['preprocessing']!r}")
     check_checkpoint_option("model.checkpoint", m["checkpoint"])
+    if m["arch"] is not None:
+        check_model_name(m["arch"])
     for key in ("imagenet_val", "imagenet_sketch"):
         if d[key]:
             check_wnid_folder(d[key], f"data.{key}")
@@ -131,17 +133,30 @@ def previous_results(path: Path, fingerprint: dict, resume: str, is_main: bool) 
     return done
 
 
-def main(cfg: dict) -> dict:
-    validate(cfg)
-    run = start_run(cfg)
-    d, env = cfg["data"], run.env
-    if d["source"] == "demo":
-        cfg = demo_inputs(cfg, run)
-    m = cfg["model"]
+def benchmark_classifier(cfg: dict) -> Classifier:
+    """The classifier under evaluation, refused if the benchmarks cannot score it (not 1000 ImageNet-1k
+    classes; an input size ImageNet-C as stored does not have)."""
+    m, d = cfg["model"], cfg["data"]
     clf = load_classifier(m["checkpoint"], m["arch"], m["img_size"], m["preprocessing"], d["crop_pct"])
+    num_classes = getattr(clf.model, "num_classes", 1000)
+    if num_classes != 1000:
+        raise CheckpointError(f"{m['checkpoint']} has a {num_classes}-way head; the benchmarks need the 1000 "
+                              "ImageNet-1k classes")
     if d["imagenet_c"] and not d["imagenet_c_resize"] and clf.img_size != 224:
         raise ConfigError(f"ImageNet-C is stored at 224 x 224 and evaluated as stored, but the model takes "
                           f"{clf.img_size} px: pass --imagenet-c-resize to give it the val preprocessing")
+    return clf
+
+
+def main(cfg: dict) -> dict:
+    validate(cfg)
+    demo = cfg["data"]["source"] == "demo"
+    clf = None if demo else benchmark_classifier(cfg)  # a model refused before the run writes anything
+    run = start_run(cfg)
+    d, env = cfg["data"], run.env
+    if demo:  # the demo's model may be fine-tuned in the run first
+        cfg = demo_inputs(cfg, run)
+        clf = benchmark_classifier(cfg)
     model = clf.model.to(run.device).eval()
     fingerprint = {"model": clf.description, "preprocessing": clf.preprocessing,
                    "data_config": json.loads(json.dumps(clf.data_config)),

@@ -49,22 +49,35 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import json
+import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cache, partial
 from multiprocessing import Pool
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 from torchvision import transforms
 
-from rcmae.core.data import labelled_images
+from rcmae.core.data import UNREADABLE, labelled_images
 from rcmae.core.run import progress
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 
+log = logging.getLogger(__name__)
+
 JPEG_QUALITY = 85
 SEED_FILE = ".seed"  # in --out: the seed its images were made with
+UNREADABLE_FILE = "unreadable.json"  # in --out: the source images the last run could not read
+
+
+class Generated(NamedTuple):
+    """What :func:`make_imagenet_c` did: files written, and the source images it skipped as unreadable
+    ({path under --val: why})."""
+    written: int
+    unreadable: dict[str, str]
 
 
 def image_seed(seed: int, corruption: str, severity: int, rel: str) -> int:
@@ -176,27 +189,33 @@ def corrupt_image(img: Image.Image, corruption: str, severity: int, seed: int) -
         return corrupt(np.asarray(img), severity=severity, corruption_name=corruption, **kwargs)
 
 
-def _corrupt_one(task, out_root: Path, seed: int):
+def _corrupt_one(task, out_root: Path, seed: int) -> tuple[str, int, str | None]:
+    """(the source's path under --val, files written: 0 or 1, why the source is unreadable or None)."""
     src, rel, corruption, severity = task
     dst = out_root / corruption / str(severity) / Path(rel).with_suffix(".JPEG")
     if dst.exists():  # resumable: finished files are skipped
-        return 0
-    img = Image.open(src).convert("RGB")
+        return rel, 0, None
+    try:
+        img = Image.open(src).convert("RGB")
+    except UNREADABLE as e:  # skip the image, not the job
+        return rel, 0, f"{type(e).__name__}: {e}"
     img = transforms.CenterCrop(224)(transforms.Resize(256)(img))  # as the benchmark was made
     arr = corrupt_image(img, corruption, severity, image_seed(seed, corruption, severity, rel))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     Image.fromarray(arr).save(tmp, format="JPEG", quality=JPEG_QUALITY, optimize=True)  # as the original
     os.replace(tmp, dst)
-    return 1
+    return rel, 1, None
 
 
 def make_imagenet_c(val: str | Path, out: str | Path, corruptions=(*BENCHMARK, *EXTRA),
-                    severities=SEVERITIES, workers: int = 1, show_progress: bool = True, seed: int = 0) -> int:
+                    severities=SEVERITIES, workers: int = 1, show_progress: bool = True, seed: int = 0) -> Generated:
     """Write ``out/<corruption>/<severity>/<wnid>/<name>.JPEG`` for every image of an ImageNet-style
     folder: resize 256, centre crop 224, corrupt, JPEG quality 85. Each image's randomness comes from
     (``seed``, corruption, severity, its path under ``val``), so the files do not depend on
-    ``workers`` or on interruptions. Returns the number of files written (existing ones are kept)."""
+    ``workers`` or on interruptions. A source image that cannot be read (empty, truncated, not an
+    image) is skipped, logged and listed in ``out/unreadable.json``; the others are generated.
+    Returns the number of files written (existing ones are kept) and the unreadable images."""
     val, out = Path(val), Path(out)
     unknown = [c for c in corruptions if c not in (*BENCHMARK, *EXTRA)]
     if unknown:
@@ -226,15 +245,15 @@ def make_imagenet_c(val: str | Path, out: str | Path, corruptions=(*BENCHMARK, *
         stale.unlink()
     work = partial(_corrupt_one, out_root=out, seed=int(seed))
     bar = progress(total=len(tasks), desc="ImageNet-C", unit="img", disable=not show_progress)
-    written = 0
-    if workers > 1:
-        with Pool(workers) as pool:
-            for n in pool.imap_unordered(work, tasks, chunksize=8):
-                written += n
-                bar.update()
-    else:
-        for task in tasks:
-            written += work(task)
+    written, unreadable = 0, {}
+    with Pool(workers) if workers > 1 else nullcontext() as pool:
+        for rel, n, error in pool.imap_unordered(work, tasks, chunksize=8) if pool else map(work, tasks):
+            written += n
+            if error is not None and rel not in unreadable:  # once per image, not per corruption
+                unreadable[rel] = error
+                log.warning("skipping unreadable image %s: %s", val / rel, error)
             bar.update()
     bar.close()
-    return written
+    report = {"val": str(val), "unreadable": dict(sorted(unreadable.items()))}
+    (out / UNREADABLE_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    return Generated(written, report["unreadable"])

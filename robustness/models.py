@@ -10,6 +10,7 @@ The choice is stated in every output.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -34,13 +35,30 @@ class Classifier:
         return self.data_config["input_size"][-1]
 
 
+def check_model_name(arch: str, what: str = "model.arch (--model)") -> None:
+    """``arch`` (the setting ``what``) is one of our ViTs or a timm model name; otherwise a ConfigError
+    naming timm's closest names (nothing is built or downloaded)."""
+    import timm
+    from timm.models import parse_model_name
+
+    source, _ = parse_model_name(arch)
+    if arch in ARCHS or source or timm.is_model(arch):  # source: hf-hub: / local-dir: names, timm resolves them
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"close matches: {', '.join(close)}" if close else "timm.list_models('*part*') lists the names"
+    raise ConfigError(f"{what}: unknown timm model {arch!r}; {hint}")
+
+
 def load_classifier(checkpoint: str | None, arch: str | None, img_size: int | None,
                     preprocessing: str = "auto", crop_pct: float | None = None) -> Classifier:
-    """The 1000-way classifier of ``checkpoint`` (architecture and input size from the file where it
-    tells them; ``arch`` / ``img_size`` otherwise or to override). Without a checkpoint, ``arch`` must
-    be a timm model name and timm's pretrained weights are loaded."""
+    """The classifier of ``checkpoint``, whatever its number of classes (architecture and input size
+    from the file where it tells them; ``arch`` / ``img_size`` otherwise, or to override the shapes
+    an MAE file is read as). Without a checkpoint, ``arch`` must be a timm model name and timm's
+    pretrained weights are loaded."""
     import timm
 
+    if arch is not None:
+        check_model_name(arch)
     if preprocessing not in PREPROCESSING:
         raise ConfigError(f"model.preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
     if checkpoint is None:
@@ -56,7 +74,13 @@ def load_classifier(checkpoint: str | None, arch: str | None, img_size: int | No
                               "Fine-tune it first (tools/finetune.py) and evaluate classifier_best.pth")
     pool = "avg" if "fc_norm.weight" in sd else "token"
     if ckpt.source == "ours-classifier":
-        arch, img_size, pool = ckpt.raw["arch"], ckpt.raw["img_size"], ckpt.raw["global_pool"]
+        saved_arch, saved_size = ckpt.raw["arch"], ckpt.raw["img_size"]
+        for key, flag, given, saved in (("model.arch", "--model", arch, saved_arch),
+                                        ("model.img_size", "--img-size", img_size, saved_size)):
+            if given is not None and given != saved:  # the file's own would be used: refuse, not ignore
+                raise ConfigError(f"{key} ({flag})={given!r}: {checkpoint} is a classifier of ours and names "
+                                  f"its architecture itself ({saved_arch}, {saved_size} px); drop {flag}")
+        arch, img_size, pool = saved_arch, saved_size, ckpt.raw["global_pool"]
     elif arch is None or (arch in ARCHS and img_size is None):
         try:
             found, size = infer_arch(sd, checkpoint)
@@ -69,17 +93,13 @@ def load_classifier(checkpoint: str | None, arch: str | None, img_size: int | No
                                   "first (tools/finetune.py), or pass a classifier checkpoint")
         model, family = build_classifier(arch, img_size, sd["head.weight"].shape[0], pool), "mae"
     else:
-        try:
-            model = timm.create_model(arch, num_classes=1000, **({"global_pool": "avg"} if "fc_norm.weight" in sd else {}))
-        except RuntimeError as e:  # timm: unknown model name
-            raise ConfigError(f"model.arch {arch!r}: {e}") from None
+        head = timm.models.get_pretrained_cfg_value(arch, "classifier")  # its state-dict prefix: fc, head.fc, ...
+        num_classes = sd[f"{head}.weight"].shape[0] if f"{head}.weight" in sd else 1000
+        model = timm.create_model(arch, num_classes=num_classes,
+                                  **({"global_pool": "avg"} if "fc_norm.weight" in sd else {}))
         family = "timm"
     load_state(model, sd, f"{checkpoint} ({ckpt.source}) as model {arch!r}", source=ckpt.source,
                hint="Set --model to the checkpoint's architecture.")
-    num_classes = getattr(model, "num_classes", 1000)
-    if num_classes != 1000:
-        raise CheckpointError(f"{checkpoint} has a {num_classes}-way head; the benchmarks need the 1000 "
-                              "ImageNet-1k classes")
     what = f"{checkpoint} ({ckpt.source}, {arch}" + (f", {pool} pooling)" if family == "mae" else ")")
     trained_as = "timm" if family == "timm" and ckpt.source == "timm" else "mae"  # MAE / our weights
     return _with_preprocessing(model, what, trained_as, preprocessing, crop_pct, img_size)
@@ -97,4 +117,17 @@ def _with_preprocessing(model: nn.Module, what: str, trained_as: str, preprocess
                           "MAE's evaluation (ImageNet mean / std, bicubic, crop 224/256 up to 224 px)")
     config = timm.data.resolve_data_config({} if crop_pct is None else {"crop_pct": crop_pct}, model=model)
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+    fixed = fixed_input_size(model)
+    if fixed is not None and config["input_size"][-1] != fixed:  # else a shape error deep inside the model
+        raise ConfigError(f"model.preprocessing=timm (--preprocessing timm) makes {config['input_size'][-1]}-px "
+                          f"inputs (timm's data config of {name}), but {what} takes {fixed} px only: use "
+                          f"--preprocessing mae (MAE's evaluation at {fixed} px) or auto")
     return Classifier(model, what, config, f"timm's data config of {name}")
+
+
+def fixed_input_size(model: nn.Module) -> int | None:
+    """The one input size a model takes (a ViT's patch embedding checks it), None where any size passes."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not getattr(patch_embed, "strict_img_size", False):
+        return None
+    return patch_embed.img_size[-1]

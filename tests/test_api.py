@@ -80,3 +80,41 @@ def test_visualize_tool_writes_the_demo_figure(tmp_path, imagenet):
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "visualize.py"), str(tmp_path / "encoder.pth"),
                           str(images[0])], capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "holds no decoder" in res.stderr and "Traceback" not in res.stderr
+
+
+def finetuned_classifier(path, num_classes):
+    """A classifier as tools/finetune.py saves it (``rcmae/core/checkpoint.py``'s fine-tuning format)."""
+    torch.manual_seed(0)
+    model = build_classifier("vit_micro_patch8", 32, num_classes, "avg").eval()
+    torch.save({"format": ck.CLASSIFIER_FORMAT, "arch": "vit_micro_patch8", "img_size": 32, "global_pool": "avg",
+                "num_classes": num_classes, "mode": "finetune", "model": model.state_dict(),
+                "train_model": model.state_dict(), "best": {"top1": 50.0}, "eval": {}}, path)
+    return model
+
+
+def test_classifiers_of_any_class_count_load(tmp_path):
+    """A 10-class fine-tuned classifier is a legitimate model to load: no ImageNet-1k requirement here."""
+    ten = finetuned_classifier(tmp_path / "classifier_best.pth", 10)
+    x = torch.randn(2, 3, 32, 32)
+    loaded = rcmae.load_model(tmp_path / "classifier_best.pth")
+    assert loaded.num_classes == 10 and not loaded.training
+    torch.testing.assert_close(loaded(x), ten(x))
+    resnet = timm.create_model("resnet18", num_classes=10).eval()
+    torch.save(resnet.state_dict(), tmp_path / "resnet18_10.pth")
+    torch.testing.assert_close(rcmae.load_model(tmp_path / "resnet18_10.pth", model="resnet18")(x), resnet(x))
+
+
+def test_visualize_refuses_a_classifier_in_its_own_words(tmp_path, imagenet):
+    from rcmae.tools import visualize
+
+    finetuned_classifier(tmp_path / "classifier_best.pth", 10)
+    image = sorted((imagenet / "val").glob("*/*.JPEG"))[0]
+    with pytest.raises(SystemExit, match="holds no decoder") as raised:
+        visualize.main([str(tmp_path / "classifier_best.pth"), str(image), "--out", str(tmp_path / "fig.png")])
+    assert "benchmark" not in str(raised.value) and not (tmp_path / "fig.png").exists()
+
+
+def test_load_model_names_close_timm_models(tmp_path):
+    torch.save(timm.create_model("resnet18", num_classes=10).state_dict(), tmp_path / "r.pth")
+    with pytest.raises(ValueError, match=r"load_model\(model=...\): unknown timm model 'resnet1'.*resnet18"):
+        rcmae.load_model(tmp_path / "r.pth", model="resnet1")

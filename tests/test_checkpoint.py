@@ -38,6 +38,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         ck.save_checkpoint({"step": 2}, tmp_path, 2, keep=2)
+    assert not list(tmp_path.glob("*.tmp"))  # the half-written file goes with the interrupted save
     assert ck.find_last_checkpoint(tmp_path).name == "checkpoint_00000001.pth"
     assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["checkpoint_00000001.pth"]
 
@@ -162,3 +163,25 @@ def test_fixed_position_embeddings_are_recomputed_only_where_declared():
     assert report.recomputed == ["pos_embed", "decoder_pos_embed"] and torch.equal(big.pos_embed, before)
     assert torch.equal(big.blocks[0].attn.qkv.weight, small.blocks[0].attn.qkv.weight)
     assert "recomputed 2 (pos_embed, decoder_pos_embed)" in report.summary()
+
+
+def test_disk_full_while_saving_names_the_file_and_the_space(tmp_path, monkeypatch):
+    """ENOSPC from the write: the partial .tmp is removed, the previous checkpoint stays the last one, and
+    the error says which file and how much space was free against what the checkpoint needs."""
+    import errno
+
+    ck.save_checkpoint({"step": 1}, tmp_path, 1, keep=2)
+
+    def full(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    state = {"step": 2, "weights": torch.zeros(1000)}  # 4,000 bytes of tensors
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.save_checkpoint(state, tmp_path, 2, keep=2)
+    message = str(e.value)
+    assert str(tmp_path / "checkpoint_00000002.pth") in message and "no space left" in message.lower()
+    assert "free" in message and "needs about 4.0 kB" in message
+    assert not list(tmp_path.glob("*.tmp"))
+    assert ck.find_last_checkpoint(tmp_path).name == "checkpoint_00000001.pth"

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from rcmae.core.config import load_config
+from rcmae.core.config import config_path, load_config
 from rcmae.core.errors import ConfigError
 from rcmae.pretrain.defaults import DEFAULTS
 from rcmae.pretrain.train import validate
@@ -83,3 +83,9 @@ def test_dataset_root_instead_of_train_split_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="looks like a dataset root"):
         list_images(tmp_path)
     assert len(list_images(tmp_path / "train")) == 1
+
+
+def test_a_mistyped_config_name_gets_the_close_shipped_names():
+    """Detection's LazyConfig files are shipped configs too: a typo in one is answered with its name."""
+    with pytest.raises(ConfigError, match=r"did you mean detection/demo_tiny\b.*shipped: .*detection/mask_rcnn_vitdet_b_100ep"):
+        config_path("detection/demo_tiyn")

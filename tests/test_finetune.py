@@ -221,3 +221,83 @@ def test_bad_config_errors(tmp_path):
     labelled_folder(tmp_path / "odd", classes=("cats", "dogs"))
     with pytest.raises(ValueError, match="not ImageNet-1k wnids"):
         main(ft_cfg(tmp_path, f"data.train_path={tmp_path / 'odd'}", "data.label_space=imagenet1k", out="e2"))
+
+
+def lars_steps(optimizer, params, grads):
+    """Run ``optimizer`` with the given gradients, one list per step; returns the parameters after each."""
+    after = []
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+        after.append([p.detach().clone() for p in params])
+    return after
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_lars_is_maes_rule(wd):
+    """Two steps on a 2x2 weight and a bias, against the closed form of MAE's ``util/lars.py``: the
+    matrix's update u = g + wd w is scaled by 0.001 |w| / |u| (the norm of the *decayed* update);
+    the bias gets neither decay nor scaling; momentum buffer b = m b + u', w -= lr b."""
+    from rcmae.finetune.lars import LARS
+
+    f64 = torch.float64
+    w0 = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=f64)
+    b0 = torch.tensor([0.3, -0.1], dtype=f64)
+    grads = [[torch.tensor([[0.2, 0.1], [-0.4, 0.3]], dtype=f64), torch.tensor([1.0, -2.0], dtype=f64)],
+             [torch.tensor([[-0.1, 0.5], [0.2, 0.2]], dtype=f64), torch.tensor([0.5, 0.5], dtype=f64)]]
+    lr, m, trust = 0.7, 0.9, 0.001
+    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    got = lars_steps(LARS([w, b], lr=lr, weight_decay=wd, momentum=m), [w, b], grads)
+
+    def scaled(g, weight):
+        u = g + wd * weight
+        return trust * weight.norm() / u.norm() * u
+
+    bw1 = scaled(grads[0][0], w0)
+    w1 = w0 - lr * bw1
+    w2 = w1 - lr * (m * bw1 + scaled(grads[1][0], w1))
+    b1 = b0 - lr * grads[0][1]
+    b2 = b1 - lr * (m * grads[0][1] + grads[1][1])
+    for (gw, gb), (ew, eb) in zip(got, [(w1, b1), (w2, b2)]):
+        torch.testing.assert_close(gw, ew, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gb, eb, rtol=1e-12, atol=1e-12)
+
+
+def test_lars_without_weight_decay_matches_the_previous_optimizer():
+    """At wd 0 (the shipped probe recipes) the rule is timm's Lars as the probe used it, up to timm's 1e-8 eps;
+    at wd 0.05 timm's rule (|g| + wd |w| in the denominator) trains another probe."""
+    from timm.optim import Lars
+
+    from rcmae.finetune.lars import LARS
+
+    torch.manual_seed(0)
+    grads = [[torch.randn(10, 32), torch.randn(10)] for _ in range(4)]
+    start = [torch.randn(10, 32), torch.randn(10)]
+
+    def run(make):
+        params = [p.clone().requires_grad_() for p in start]
+        return lars_steps(make(params), params, grads)[-1]
+
+    def timm_lars(wd):
+        return lambda ps: Lars([{"params": ps[:1], "weight_decay": wd, "always_adapt": True},
+                                {"params": ps[1:], "weight_decay": 0.0, "always_adapt": False}], lr=0.5, momentum=0.9)
+
+    for a, b in zip(run(lambda ps: LARS(ps, lr=0.5, weight_decay=0.0, momentum=0.9)), run(timm_lars(0.0))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    ours, theirs = run(lambda ps: LARS(ps, lr=0.5, weight_decay=0.05, momentum=0.9))[0], run(timm_lars(0.05))[0]
+    moved = ours - start[0]
+    assert ((ours - theirs).norm() / moved.norm()).item() > 1e-3  # a visible difference, not rounding
+
+
+def test_linear_probe_builds_maes_lars(tmp_path):
+    from rcmae.finetune.lars import LARS
+
+    model = build_classifier("vit_micro_patch8", 32, 2, "token")
+    linear_probe_head(model)
+    cfg = load_config(DEFAULTS, None, ["optim.name=lars", "optim.weight_decay=0.05"])
+    from rcmae.finetune.train import build_optimizer
+
+    optimizer = build_optimizer(model, cfg["optim"], "cpu")
+    assert isinstance(optimizer, LARS) and optimizer.param_groups[0]["weight_decay"] == 0.05
+    assert {p.ndim for g in optimizer.param_groups for p in g["params"]} == {1, 2}  # the head's weight and bias

@@ -46,8 +46,8 @@ def identical(tmp_path_factory):
     first, so that the forked workers inherit glass_blur's compiled numba code)."""
     tmp = tmp_path_factory.mktemp("identical")
     val = _photo_folder(tmp / "val", ["n01440764", "n02102040"], 8, same=True)
-    assert make_imagenet_c(val, tmp / "w1", RANDOM, [1], workers=1, show_progress=False) == 16 * len(RANDOM)
-    assert make_imagenet_c(val, tmp / "w2", RANDOM, [1], workers=2, show_progress=False) == 16 * len(RANDOM)
+    assert make_imagenet_c(val, tmp / "w1", RANDOM, [1], workers=1, show_progress=False).written == 16 * len(RANDOM)
+    assert make_imagenet_c(val, tmp / "w2", RANDOM, [1], workers=2, show_progress=False).written == 16 * len(RANDOM)
     return val, tmp
 
 
@@ -70,7 +70,7 @@ def test_output_does_not_depend_on_workers_reruns_or_interruptions(identical):
     for f in gone:
         f.unlink()
     (tmp / "w1" / "spatter" / "1" / "n01440764" / "3.JPEG.tmp").write_bytes(b"partial")
-    assert make_imagenet_c(val, tmp / "w1", RANDOM, [1], workers=2, show_progress=False) == len(gone)
+    assert make_imagenet_c(val, tmp / "w1", RANDOM, [1], workers=2, show_progress=False).written == len(gone)
     assert _files(tmp / "w1") == reference and not list((tmp / "w1").rglob("*.tmp"))
 
 
@@ -95,9 +95,9 @@ def test_generation_leaves_the_callers_numpy_state_alone(tmp_path):
 
 def test_generator_layout_size_quality_and_resume(tmp_path):
     val = _photo_folder(tmp_path / "val", ["n02123045", "n07920052"], 1, size=(300, 200))
-    written = make_imagenet_c(val, tmp_path / "c", corruptions=["gaussian_noise", "fog"], severities=[1, 5],
-                              show_progress=False)
-    assert written == 2 * 2 * 2
+    generated = make_imagenet_c(val, tmp_path / "c", corruptions=["gaussian_noise", "fog"], severities=[1, 5],
+                                show_progress=False)
+    assert generated.written == 2 * 2 * 2 and generated.unreadable == {}
     files = sorted(p.relative_to(tmp_path / "c").as_posix() for p in (tmp_path / "c").rglob("*.JPEG"))
     assert files[0] == "fog/1/n02123045/0.JPEG" and len(files) == 8
     ref = tmp_path / "ref.jpg"
@@ -107,7 +107,7 @@ def test_generator_layout_size_quality_and_resume(tmp_path):
         assert img.size == (224, 224) and img.format == "JPEG"
         assert img.quantization == Image.open(ref).quantization  # the tables of quality 85
     assert make_imagenet_c(val, tmp_path / "c", corruptions=["gaussian_noise", "fog"], severities=[1, 5],
-                           show_progress=False) == 0  # resumable: finished files are kept
+                           show_progress=False).written == 0  # resumable: finished files are kept
 
 
 def test_clear_errors(tmp_path):
@@ -147,6 +147,32 @@ def test_cli_seed_and_errors(tmp_path, capsys):
         main(["--val", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="error: .*generated with seed 5"):
         main(["--val", str(val), "--out", str(tmp_path / "cli"), "--corruptions", "shot_noise"])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_images_are_skipped_counted_and_reported(tmp_path, capsys, caplog, workers):
+    """A truncated JPEG (a real photo cut mid-scan) and an empty file: every other image is generated, the two
+    are named in the log, the tool's summary and <out>/unreadable.json."""
+    import json
+
+    import skimage.data
+
+    val = _photo_folder(tmp_path / "val", ["n02123045"], 2)
+    Image.fromarray(skimage.data.chelsea()).save(tmp_path / "cat.jpg", quality=90)
+    data = (tmp_path / "cat.jpg").read_bytes()
+    (val / "n02123045" / "truncated.JPEG").write_bytes(data[:len(data) // 2])
+    (val / "n02123045" / "empty.JPEG").write_bytes(b"")
+    out = tmp_path / "c"
+    _tool()(["--val", str(val), "--out", str(out), "--corruptions", "fog", "contrast", "--severities", "1",
+             "--workers", str(workers)])
+    printed = capsys.readouterr()
+    assert sorted(_files(out)) == [f"{c}/1/n02123045/{i}.JPEG" for c in ("contrast", "fog") for i in (0, 1)]
+    assert "wrote 4 images" in printed.out and "skipped 2 unreadable images" in printed.out
+    for name in ("n02123045/empty.JPEG", "n02123045/truncated.JPEG"):
+        assert name in printed.out and name in caplog.text  # the summary and the log
+    report = json.loads((out / "unreadable.json").read_text())
+    assert sorted(report["unreadable"]) == ["n02123045/empty.JPEG", "n02123045/truncated.JPEG"]
+    assert "truncated" in report["unreadable"]["n02123045/truncated.JPEG"]
 
 
 # ---- the original algorithms (hendrycks/robustness make_imagenet_c.py), from their definitions ----

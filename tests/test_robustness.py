@@ -140,8 +140,8 @@ def test_reader_rejects_non_classifiers(tmp_path):
         load_classifier(str(tmp_path / "pre.pth"), "vit_micro_patch8", 32)
     ten = build_classifier("vit_micro_patch8", 32, 10, "avg")
     torch.save({"model": ten.state_dict()}, tmp_path / "ten.pth")
-    with pytest.raises(ck.CheckpointError, match="10-way head"):
-        load_classifier(str(tmp_path / "ten.pth"), "vit_micro_patch8", 32)
+    # any class count loads (rcmae.load_model shares this reader); the benchmarks refuse it themselves
+    assert load_classifier(str(tmp_path / "ten.pth"), "vit_micro_patch8", 32).model.num_classes == 10
     path, _ = _classifier_file(tmp_path, "avg", "mae")
     with pytest.raises(ck.CheckpointError, match="as model 'vit_mini_patch8' does not fit"):
         load_classifier(str(path), "vit_mini_patch8", 32)
@@ -157,7 +157,8 @@ def _photo_folder(root, wnids, per_class, size=(60, 40)):
 
 
 def _robustness_cfg(tmp_path, out):
-    path, _ = _classifier_file(tmp_path)
+    """The checkpoint is written once by the test: the workers load it before they join the process group."""
+    path = tmp_path / "ours_avg.pth"
     return load_config(DEFAULTS, None, [f"model.checkpoint={path}", "model.img_size=32", "train.device=cpu",
                                         f"data.imagenet_a={tmp_path / 'a'}", "data.batch_size=2",
                                         "data.num_workers=0", f"train.output_dir={tmp_path / out}"])
@@ -175,6 +176,7 @@ def test_exact_counting_with_two_processes_and_an_uneven_split(tmp_path):
 
     _photo_folder(tmp_path / "a", ["n01498041", "n02123394"], per_class=4)
     (tmp_path / "a" / "n02123394" / "3.JPEG").unlink()  # 7 images: 4 + 3 over two processes
+    _classifier_file(tmp_path)
     single = main(_robustness_cfg(tmp_path, "single"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

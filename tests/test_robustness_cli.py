@@ -46,11 +46,11 @@ def benchmarks(tmp_path_factory, imagenet):
     return root
 
 
-def ours_classifier(path, img_size=32):
+def ours_classifier(path, img_size=32, num_classes=1000):
     torch.manual_seed(0)
-    model = build_classifier("vit_micro_patch8", img_size, 1000, "avg").eval()
+    model = build_classifier("vit_micro_patch8", img_size, num_classes, "avg").eval()
     torch.save({"format": ck.CLASSIFIER_FORMAT, "model": model.state_dict(), "arch": "vit_micro_patch8",
-                "img_size": img_size, "global_pool": "avg", "num_classes": 1000}, path)
+                "img_size": img_size, "global_pool": "avg", "num_classes": num_classes}, path)
     return path
 
 
@@ -156,3 +156,30 @@ def test_any_timm_classifier_with_its_own_preprocessing(tmp_path, benchmarks, na
             correct += int(model(x[None]).argmax(1).item() == index[path.parent.name])
     assert r["imagenet_c"]["cells"]["fog/1"]["correct1"] == correct
     assert r["imagenet_c"]["cells"]["fog/1"]["n"] == 8
+
+
+def test_models_the_benchmarks_cannot_take_are_refused_before_the_run_starts(tmp_path, benchmarks):
+    """Each refusal names the flag and what was expected, and comes before the output folder is made."""
+    ckpt = ours_classifier(tmp_path / "c.pth")
+    val = f"data.imagenet_val={benchmarks / 'val'}"
+    refused = [
+        # our checkpoint names its architecture: a different --model would be ignored
+        ([f"model.checkpoint={ckpt}", "model.arch=resnet18"], ConfigError,
+         r"model.arch \(--model\)='resnet18'.*names its architecture itself \(vit_micro_patch8, 32 px\)"),
+        ([f"model.checkpoint={ckpt}", "model.img_size=224"], ConfigError, r"model.img_size \(--img-size\)=224"),
+        # timm's data config of a ViT says 224 px; this one takes 32 px
+        ([f"model.checkpoint={ckpt}", "model.preprocessing=timm"], ConfigError,
+         r"makes 224-px inputs.*takes 32 px.*--preprocessing mae"),
+        ([f"model.checkpoint={ours_classifier(tmp_path / 'ten.pth', num_classes=10)}"], ck.CheckpointError,
+         r"10-way head; the benchmarks need the 1000 ImageNet-1k classes"),
+    ]
+    for overrides, error, message in refused:
+        out = tmp_path / "out"
+        with pytest.raises(error, match=message):
+            main(cfg(out, val, *overrides))
+        assert not out.exists(), overrides
+    res = run_tool("--checkpoint", ckpt, "--model", "resnet1", "--imagenet-val", benchmarks / "val",
+                   "--output", tmp_path / "out")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "model.arch (--model): unknown timm model 'resnet1'" in res.stderr and "resnet18" in res.stderr
+    assert not (tmp_path / "out").exists()

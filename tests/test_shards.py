@@ -104,21 +104,68 @@ def test_shards_are_webdataset_tars_of_whole_samples(folder, shards):
 
 
 def test_same_images_give_byte_identical_shards(folder, shards, tmp_path):
-    again = write_shards(folder, tmp_path / "again", shard_bytes=SHARD_BYTES, progress=False).parent
+    again = write_shards(folder, tmp_path / "again", shard_bytes=SHARD_BYTES, progress=False).index.parent
     names = sorted(p.name for p in shards.iterdir())
     assert names == sorted(p.name for p in again.iterdir())
     for name in names:
         assert (shards / name).read_bytes() == (again / name).read_bytes(), name
 
 
-def test_rewrite_same_source_and_refuse_another(folder, shards, tmp_path):
-    write_shards(folder, shards, shard_bytes=1 << 20, progress=False)  # same source: rewritten, fewer shards
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_populated_output_folder_is_refused_unless_overwrite(folder, shards, tmp_path):
+    before = _contents(shards)
+    with pytest.raises(FileExistsError, match=r"already holds the shards of .*images.*pass --overwrite"):
+        write_shards(folder, shards, shard_bytes=1 << 20, progress=False)
+    assert _contents(shards) == before  # nothing written, nothing removed
+    write_shards(folder, shards, shard_bytes=1 << 20, overwrite=True, progress=False)  # rewritten, fewer shards
     assert sorted(p.name for p in shards.iterdir()) == ["index.json", "shard-000000.tar"]
     assert len(load_index(shards)[0]) == 12
     other = make_folder(tmp_path / "other")
-    with pytest.raises(FileExistsError, match="already holds the shards of"):
-        write_shards(other, shards, progress=False)
-    assert len(load_index(shards)[0]) == 12  # untouched
+    write_shards(other, shards, overwrite=True, progress=False)  # asked for: another source's shards replaced
+    assert json.loads((shards / "index.json").read_text())["source"] == str(other.resolve())
+    # files that are no shard set of ours: refused even with overwrite (a wrong folder, or data of someone else)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"mixed holds files that are not shards of ours \(notes.txt\)"):
+            write_shards(folder, mixed, overwrite=overwrite, progress=False)
+    assert _contents(mixed) == {"notes.txt": b"keep me"}
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        write_shards(folder, mixed / "notes.txt", progress=False)
+    (tmp_path / "empty").mkdir()
+    write_shards(folder, tmp_path / "empty", progress=False)  # an existing empty folder is fine
+
+
+def test_unreadable_images_are_skipped_counted_and_listed(folder, tmp_path):
+    """Empty files and truncated JPEGs (a real photo cut mid-scan) are left out and listed in the index with
+    the reason; a JPEG with bytes after its end marker and a PNG named .jpg are valid images and kept."""
+    import io
+
+    import skimage.data
+
+    encoded = io.BytesIO()
+    Image.fromarray(skimage.data.chelsea()).save(encoded, "JPEG", quality=90)
+    photo = encoded.getvalue()
+    (folder / "cat" / "empty.jpg").write_bytes(b"")
+    (folder / "cat" / "truncated.jpg").write_bytes(photo[:len(photo) // 2])
+    (folder / "cat" / "not_an_image.jpg").write_bytes(b"<html>404</html>")
+    (folder / "cat" / "trailing.jpg").write_bytes(photo + b"\0" * 100)
+    Image.open(folder / "eel" / "eel_map.png").save(folder / "eel" / "png_inside.jpg", "PNG")
+    written = write_shards(folder, tmp_path / "shards", progress=False)
+    assert written.samples == 12 + 2
+    assert sorted(written.skipped) == ["cat/empty.jpg", "cat/not_an_image.jpg", "cat/truncated.jpg"]
+    assert written.skipped["cat/empty.jpg"] == "empty file (0 bytes)"
+    assert "truncated JPEG" in written.skipped["cat/truncated.jpg"]
+    index = json.loads(written.index.read_text())
+    assert index["skipped"] == written.skipped
+    members, labels, classes = load_index(written.index.parent)
+    assert len(members) == 14
+    for member in members:  # every packed image decodes
+        Image.open(io.BytesIO(read_member(member))).convert("RGB")
 
 
 def test_truncated_or_missing_shard_is_named(shards):
@@ -175,8 +222,16 @@ def test_tool_writes_and_reports(folder, tmp_path):
     members, _, _ = load_index(out)
     shards = len({m.shard for m in members})
     assert shards > 2 and f"wrote {shards} shards, 12 samples of 3 classes" in printed
-    with pytest.raises(SystemExit, match="already holds the shards"):
-        make_shards.main([str(make_folder(tmp_path / "other")), str(out)])
+    assert "skipped" not in printed
+    other = make_folder(tmp_path / "other")
+    with pytest.raises(SystemExit, match="already holds the shards.*pass --overwrite"):
+        make_shards.main([str(other), str(out)])
+    for k in range(7):
+        (other / "cat" / f"broken_{k}.jpg").write_bytes(b"")
+    printed = run("tools/make_shards.py", other, out, "--overwrite").stdout
+    assert "wrote 1 shards, 12 samples of 3 classes" in printed
+    assert ("skipped 7 unreadable images: cat/broken_0.jpg (empty file (0 bytes)), cat/broken_1.jpg" in printed
+            and "(7 in all)" in printed and "index.json under 'skipped'" in printed)
 
 
 def test_tool_help_imports_no_torch():
@@ -202,7 +257,7 @@ def test_interrupted_rewrite_leaves_no_index(folder, shards, monkeypatch):
 
     monkeypatch.setattr(shards_module, "_member_info", failing_info)
     with pytest.raises(OSError, match="disk full"):
-        write_shards(folder, shards, shard_bytes=SHARD_BYTES, progress=False)
+        write_shards(folder, shards, shard_bytes=SHARD_BYTES, overwrite=True, progress=False)
     assert not (shards / "index.json").exists() and not is_shard_dir(shards)
     with pytest.raises(FileNotFoundError, match="no shard index"):
         load_index(shards)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Export the encoder of a pretraining checkpoint (ours, official MAE or official RC-MAE) in timm's
-VisionTransformer key names: ``OUTPUT`` as ``{"model": state_dict, "meta": {...}}`` (MAE-style loaders)
-and the folder ``OUTPUT`` without its suffix as timm writes it (config.json + model.safetensors).
+VisionTransformer key names: ``OUTPUT`` (a .pth file) as ``{"model": state_dict, "meta": {...}}`` (MAE-style
+loaders) and the folder ``OUTPUT`` without .pth as timm writes it (config.json + model.safetensors). Nothing is
+written unless both can be.
 
   python tools/export_encoder.py output/pretrain/checkpoint_00000100.pth encoder.pth [--which student]
   # then: timm.create_model("local-dir:encoder", pretrained=True)   # right mean / std / crop included
@@ -12,13 +13,13 @@ import argparse
 import logging
 import sys
 
-from rcmae.core.errors import CheckpointError
+from rcmae.core.errors import CheckpointError, ConfigError
 
 
 def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    p.add_argument("output")
+    p.add_argument("output", help="the .pth file to write; the timm folder goes beside it, named without .pth")
     p.add_argument("--which", default="teacher", choices=["teacher", "student", "auto"],
                    help="teacher (default; RC-MAE transfers the teacher), student, or auto "
                         "(teacher if the checkpoint has one, else its only model)")
@@ -28,7 +29,7 @@ def run(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export_encoder(args.checkpoint, args.which, args.output)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(out)
 

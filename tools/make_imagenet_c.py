@@ -11,6 +11,7 @@ ImageNet-C: see robustness/imagenet_c.py.
 """
 import argparse
 import sys
+from pathlib import Path
 
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 
@@ -26,14 +27,20 @@ def run(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of every random draw (with the corruption, severity and image path); default 0")
     args = p.parse_args(argv)
-    from rcmae.robustness.imagenet_c import make_imagenet_c  # numpy, PIL, torchvision: after parsing
+    # numpy, PIL, torchvision: after parsing
+    from rcmae.core.data import summarize_names
+    from rcmae.robustness.imagenet_c import UNREADABLE_FILE, make_imagenet_c
 
     try:
-        written = make_imagenet_c(args.val, args.out, args.corruptions, args.severities, args.workers,
-                                  seed=args.seed)
+        generated = make_imagenet_c(args.val, args.out, args.corruptions, args.severities, args.workers,
+                                    seed=args.seed)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {written} images under {args.out}")
+    print(f"wrote {generated.written} images under {args.out}")
+    if generated.unreadable:
+        print(f"skipped {len(generated.unreadable)} unreadable images of --val: "
+              f"{summarize_names(list(generated.unreadable))}; listed with the reasons in "
+              f"{Path(args.out) / UNREADABLE_FILE}")
 
 
 def main(argv=None) -> None:

@@ -19,24 +19,31 @@ def run(argv=None):
     p.add_argument("output", help="the shard folder to write (shard-NNNNNN.tar, index.json)")
     p.add_argument("--shard-size-mb", type=float, default=1024,
                    help="about this many MiB per shard (default 1024); an image is never split across shards")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shard set OUTPUT already holds (without it, OUTPUT must be new or empty)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway off a terminal)")
     args = p.parse_args(argv)
     if args.shard_size_mb <= 0:
         p.error(f"--shard-size-mb must be positive, got {args.shard_size_mb}")
-    from rcmae.core.shards import ShardError, load_index, write_shards  # torch: after the arguments parse
+    from rcmae.core.data import summarize_names  # torch: after the arguments parse
+    from rcmae.core.shards import ShardError, load_index, write_shards
 
     start = time.perf_counter()
     try:
-        index = write_shards(args.folder, args.output, shard_bytes=int(args.shard_size_mb * 2**20),
-                             progress=not args.no_progress)
-        members, _, classes = load_index(index.parent)
+        written = write_shards(args.folder, args.output, shard_bytes=int(args.shard_size_mb * 2**20),
+                               overwrite=args.overwrite, progress=not args.no_progress)
+        members, _, classes = load_index(written.index.parent)
     except (FileNotFoundError, FileExistsError, ShardError) as e:
         sys.exit(f"error: {e}")
     seconds = time.perf_counter() - start
     shards = sorted({m.shard for m in members})
     total = sum(Path(s).stat().st_size for s in shards)
     print(f"wrote {len(shards)} shards, {len(members)} samples of {len(classes)} classes, "
-          f"{total / 2**20:.1f} MiB in {seconds:.1f} s: {index}")
+          f"{total / 2**20:.1f} MiB in {seconds:.1f} s: {written.index}")
+    if written.skipped:
+        shown = summarize_names([f"{name} ({why})" for name, why in written.skipped.items()])
+        print(f"skipped {len(written.skipped)} unreadable images: {shown}; listed with the reasons in "
+              f"{written.index} under 'skipped'")
 
 
 def main(argv=None) -> None:

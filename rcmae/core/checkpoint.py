@@ -16,10 +16,12 @@ Fine-tuning (``format = "rcmae-toolkit/classifier/1"``): ``"arch"``, ``"img_size
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +30,8 @@ import torch
 
 from rcmae.core.config import flatten
 from rcmae.core.data import mae_eval_config
-from rcmae.core.distributed import all_gather_objects, barrier
-from rcmae.core.errors import CheckpointError
+from rcmae.core.distributed import all_gather_objects
+from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.vit import ARCHS, infer_arch, is_encoder_key
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,48 @@ FIXED_KEYS = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos: recomputed, ne
 
 
 # ----------------------------------------------------------------------------- writing
-def atomic_save(obj, path: Path) -> None:
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a nested state: about what ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in decimal units: ``4.0 kB``, ``12.3 GB``."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def atomic_write(path: Path, write, size: int) -> None:
+    """``write(tmp)``, fsync, then rename onto ``path``: readers see the old file or the new one, never
+    half of one. A failed or interrupted write takes its temporary file with it; a full disk is a
+    :class:`CheckpointError` naming the file, the space free and the ``size`` it needed."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(f"no space left on the device while writing {path}: {human_bytes(free)} free there, "
+                                  f"the file needs about {human_bytes(size)}. Free some space (older checkpoints "
+                                  "are deleted only after a new one is written), then resume.") from None
+        raise
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), tensor_bytes(obj))
 
 
 def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int) -> Path:
@@ -54,9 +92,7 @@ def save_checkpoint(state: dict, out_dir: str | Path, step: int, keep: int) -> P
     out_dir = Path(out_dir)
     path = out_dir / f"checkpoint_{step:08d}.pth"
     atomic_save(state, path)
-    pointer_tmp = out_dir / (POINTER + ".tmp")
-    pointer_tmp.write_text(path.name + "\n")
-    os.replace(pointer_tmp, out_dir / POINTER)
+    atomic_write(out_dir / POINTER, lambda tmp: tmp.write_text(path.name + "\n"), len(path.name) + 1)
     for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
@@ -131,13 +167,21 @@ class Checkpointer:
         self.steps_per_epoch = steps_per_epoch
 
     def save(self, step: int, **payload) -> Path | None:
-        """All ranks call it (their RNG states are gathered); rank 0 writes."""
+        """All ranks call it (their RNG states are gathered); rank 0 writes, and a failed write (a full
+        disk) stops every rank with its error rather than leaving them waiting."""
         state = {**payload, "optimizer": self.optimizer.state_dict(), "optimizer_param_names": self.param_names,
                  "scaler": self.scaler.state_dict() if self.scaler else None, "step": step,
                  "epoch": step // self.steps_per_epoch, "step_in_epoch": step % self.steps_per_epoch,
                  "rng": all_gather_objects(rng_state()), "config": self.cfg}
-        path = save_checkpoint(state, self.out_dir, step, self.keep) if self.rank == 0 else None
-        barrier()
+        path = failure = None
+        if self.rank == 0:
+            try:
+                path = save_checkpoint(state, self.out_dir, step, self.keep)
+            except CheckpointError as e:
+                failure = e
+        failure = all_gather_objects(failure)[0]
+        if failure is not None:
+            raise failure
         if path is not None:
             log.info("saved %s", path)
         return path
@@ -309,32 +353,62 @@ def remap_optimizer_state(opt_sd: dict, saved_names: list[str], names: list[str]
     return {"state": state, "param_groups": template["param_groups"]}
 
 
-def save_timm_folder(state_dict: dict, arch: str, img_size: int, folder: str | Path, num_classes: int = 0,
-                     global_pool: str = "token", crop_pct: float | None = None) -> Path:
-    """Write ``folder`` as timm / Hugging Face write it (``config.json`` with the true pretrained
-    config, ``model.safetensors``), so ``timm.create_model("local-dir:<folder>", pretrained=True)``
-    builds the model, loads the weights and declares the preprocessing they were trained with
-    (ImageNet mean / std, bicubic, MAE's crop), not another tag's."""
+def timm_model_args(arch: str, img_size: int) -> dict:
+    """The VisionTransformer arguments of ``arch`` at ``img_size`` (what a timm folder's config records)."""
+    spec = ARCHS[arch]
+    return {"img_size": img_size, "patch_size": spec["patch_size"], "embed_dim": spec["embed_dim"],
+            "depth": spec["depth"], "num_heads": spec["num_heads"]}
+
+
+def timm_vit(state_dict: dict, arch: str, img_size: int, what: str, num_classes: int = 0,
+             global_pool: str = "token", crop_pct: float | None = None,
+             hint: str = "Check the weights against model.arch.") -> torch.nn.Module:
+    """timm's VisionTransformer of ``arch`` holding ``state_dict`` (strict: every tensor, nothing else;
+    a :class:`CheckpointError` naming the keys otherwise), declaring the preprocessing the weights were
+    trained with (ImageNet mean / std, bicubic, MAE's crop), not another tag's."""
     import timm
 
-    spec = ARCHS[arch]
-    model_args = {"img_size": img_size, "patch_size": spec["patch_size"], "embed_dim": spec["embed_dim"],
-                  "depth": spec["depth"], "num_heads": spec["num_heads"]}
     data = mae_eval_config(img_size, crop_pct)
-    model = timm.create_model(spec["timm_name"] or "vit_base_patch16_224", pretrained=False,
+    model = timm.create_model(ARCHS[arch]["timm_name"] or "vit_base_patch16_224", pretrained=False,
                               num_classes=num_classes, global_pool=global_pool,
                               pretrained_cfg_overlay={**data, "num_classes": num_classes, "tag": "rcmae_toolkit"},
-                              **model_args)
-    model.load_state_dict(state_dict)  # strict: every tensor, nothing else
+                              **timm_model_args(arch, img_size))
+    load_state(model, state_dict, what, hint=hint)
+    return model
+
+
+def save_timm_folder(model: torch.nn.Module, arch: str, img_size: int, folder: str | Path) -> Path:
+    """Write ``folder`` as timm / Hugging Face write it (``config.json`` with the true pretrained config,
+    ``model.safetensors``) from a :func:`timm_vit` model, so ``timm.create_model("local-dir:<folder>",
+    pretrained=True)`` builds it, loads the weights and declares their preprocessing."""
+    import timm
+
     folder = Path(folder)
-    timm.models.save_for_hf(model, str(folder), model_args=model_args, safe_serialization=True)
+    timm.models.save_for_hf(model, str(folder), model_args=timm_model_args(arch, img_size), safe_serialization=True)
     return folder
+
+
+def check_export_target(out: Path) -> None:
+    """``out`` can take the export: a ``.pth`` file (the timm folder is ``out`` without its suffix, so
+    without one the two would share a name), neither it nor the folder's place taken by the other kind."""
+    if out.suffix != ".pth":
+        raise ConfigError(f"output {out}: name the file with .pth (e.g. {out.with_name(out.name + '.pth')}); "
+                          "the timm folder is written beside it under the name without .pth")
+    folder = out.with_suffix("")
+    if out.is_dir():
+        raise ConfigError(f"output {out} is a directory; name the .pth file to write")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output {out}: {folder} is a file, where the timm folder goes; move it or choose "
+                          "another output name")
 
 
 def export_encoder(path: str | Path, which: str, out: str | Path) -> Path:
     """Save the encoder of ``which`` model as ``{"model": <timm VisionTransformer keys>, ...}`` (``out``,
     for MAE-style loaders) and as a timm folder beside it (``out`` without its suffix; see
-    :func:`save_timm_folder`)."""
+    :func:`save_timm_folder`). Everything is checked (the output names, the checkpoint, that the encoder
+    loads into timm's model) before the first byte is written."""
+    out = Path(out)
+    check_export_target(out)
     ckpt = read_checkpoint(path)
     chosen, sd = ckpt.model(which)
     encoder = {k: v for k, v in sd.items() if is_encoder_key(k)}
@@ -348,10 +422,15 @@ def export_encoder(path: str | Path, which: str, out: str | Path) -> Path:
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     meta.update(arch=arch, img_size=img_size)
-    out = Path(out)
+    hint = "An encoder needs the patch embedding, the blocks and the final norm."
+    if ckpt.source == "ours-classifier":
+        hint = (f"This is a fine-tuned classifier (global_pool={ckpt.raw.get('global_pool')}); one fine-tuned "
+                "with global_pool=avg has fc_norm in place of the final norm, so it holds no encoder for "
+                "timm's token-pooled ViT: use the classifier itself (its timm folder, classifier_best/).")
+    model = timm_vit(encoder, arch, img_size, f"{path} ({ckpt.source}, {chosen} weights)", hint=hint)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": encoder, "meta": meta}, out)
-    folder = save_timm_folder(encoder, arch, img_size, out.with_suffix(""))
+    folder = save_timm_folder(model, arch, img_size, out.with_suffix(""))
     log.info("exported the %s encoder of %s (%s, %d px, %d tensors) to %s and %s/", chosen, path, arch, img_size,
              len(encoder), out, folder)
     return out

@@ -96,16 +96,21 @@ def config_path(name: str | Path) -> Path:
     for candidate in (shipped, *(shipped.with_name(shipped.name + ext) for ext in (".yaml", ".py"))):
         if parts and candidate.is_file():
             return candidate
-    raise ConfigError(f"config file {name} does not exist (neither a file nor a shipped config: "
-                      f"{', '.join(shipped_configs())})")
+    names = shipped_configs()
+    close = difflib.get_close_matches(str(Path(*parts).with_suffix("")) if parts else str(name), names, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise ConfigError(f"config file {name} does not exist (neither a file nor a shipped config): {hint}"
+                      f"shipped: {', '.join(names)}")
 
 
 def shipped_configs() -> list[str]:
-    """The names of the shipped configs, e.g. ``pretrain/rcmae_vit_base``."""
+    """The names of the shipped configs, e.g. ``pretrain/rcmae_vit_base``, ``detection/demo_tiny`` (the
+    YAML configs and detectron2's LazyConfig files)."""
     from importlib.resources import files
 
     root = Path(str(files("rcmae.configs")))
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.glob("*/*.yaml"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for pattern in ("*/*.yaml", "*/*.py")
+                  for p in root.glob(pattern) if not p.name.startswith("_"))
 
 
 def load_config(defaults: dict, config_file: str | Path | None = None,

@@ -25,13 +25,14 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from rcmae.core.demo_data import build_demo_labelled
 from rcmae.core.distributed import barrier
-from rcmae.core.errors import ConfigError
+from rcmae.core.errors import ConfigError, DataError
 from rcmae.core.shards import ShardMember, read_member
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+UNREADABLE = (OSError, ValueError, SyntaxError)  # what PIL raises on bad files
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -92,8 +93,9 @@ def image_folder_classes(root: str | Path, what: str) -> list[str]:
 
 
 def check_folder_pair(d: dict, section: str) -> None:
-    """A config section with ``source`` (folder / demo), ``train_path``, ``val_path``: the demo takes
-    no paths; a folder source needs both, each an ImageFolder tree."""
+    """A config section with ``source`` (folder / demo), ``train_path``, ``val_path``, ``label_space``:
+    the demo takes no paths; a folder source needs both, each an ImageFolder tree, with classes that
+    agree (:func:`check_class_names`)."""
     if d["source"] == "demo":
         given = [f"{section}.{k}={d[k]}" for k in ("train_path", "val_path") if d[k]]
         if given:
@@ -106,7 +108,37 @@ def check_folder_pair(d: dict, section: str) -> None:
         if not d[key]:
             raise ConfigError(f"{section}.{key} is required (a labelled ImageFolder tree, e.g. "
                               f"imagenet/{key[:-len('_path')]}), or {section}.source=demo")
-        image_folder_classes(d[key], f"{section}.{key}")
+    classes = {key: image_folder_classes(d[key], f"{section}.{key}") for key in ("train_path", "val_path")}
+    check_class_names(classes, {key: d[key] for key in classes}, d["label_space"], section)
+
+
+def summarize_names(names: list[str], limit: int = 5) -> str:
+    """The first few names and how many there are: ``a, b, c ... (12 in all)``."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "") + f" ({len(names)} in all)"
+
+
+def check_class_names(classes: dict[str, list[str]], roots: dict[str, str], label_space: str, section: str) -> None:
+    """The class folders of ``train_path`` and ``val_path`` (``classes`` and ``roots`` by those keys) label
+    the same things. ``folder``: labels are sorted folder indices, so the two need the same folder names
+    (equal counts are not enough: other names would silently score against the wrong classes).
+    ``imagenet1k``: labels are the wnids' ImageNet-1k indices, so val may hold a subset of train's classes,
+    never one the model was not trained on. Each side needs two classes at least (one scores 100 %)."""
+    for key, names in classes.items():
+        class_index(names, label_space, roots[key], f"{section}.{key}")  # the label space fits the folders
+        if len(names) < 2:
+            raise ConfigError(f"{section}.{key} ({roots[key]}) holds {len(names)} class folder(s) "
+                              f"({', '.join(names)}): classification needs at least 2")
+    train, val = set(classes["train_path"]), set(classes["val_path"])
+    only_val = sorted(val - train)
+    only_train = sorted(train - val) if label_space == "folder" else []
+    if only_val or only_train:
+        sides = [f"only in {section}.{key}: {summarize_names(names)}"
+                 for key, names in (("val_path", only_val), ("train_path", only_train)) if names]
+        rule = ("the same class folders are needed on both sides" if label_space == "folder"
+                else "every val class must be one the model is trained on")
+        raise ConfigError(f"{section}.val_path ({roots['val_path']}) and {section}.train_path "
+                          f"({roots['train_path']}) do not hold the same classes: {'; '.join(sides)}. "
+                          f"With {section}.label_space={label_space} {rule}.")
 
 
 def image_folder_samples(root: str | Path, class_to_idx: dict[str, int], what: str) -> list[tuple[str, int]]:
@@ -154,14 +186,34 @@ class SeededImages(Dataset):
     """
 
     max_skips = 50
+    images_probed = 8
 
     def __init__(self, paths: list[str], transform, labels: list[int] | None = None,
                  replace_unreadable: bool = True):
         if not paths:
-            raise ValueError("no images in the dataset")
+            raise DataError("no images in the dataset")
         self.paths, self.transform, self.replace_unreadable = paths, transform, replace_unreadable
         self.labels = labels if labels is not None else [-1] * len(paths)
         self._blank = None
+        self.check_readable()
+
+    def check_readable(self) -> None:
+        """Fail before any training or evaluation when the images cannot be read at all (rather than in the
+        first batch, or as an accuracy over no images): up to ``images_probed`` of them, spread over the
+        list, are read; one readable image is enough (unreadable ones are handled as the class says)."""
+        n = len(self.paths)
+        k = self.images_probed
+        probed = range(n) if n <= k else [i * n // k for i in range(k)]
+        first_error = None
+        for index in probed:
+            try:
+                self.read(index, 0)
+                return
+            except UNREADABLE as e:
+                first_error = first_error or f"{self.paths[index]}: {e}"
+        counted = (f"all {n} images of the dataset are unreadable" if len(probed) == n else
+                   f"none of {len(probed)} images tried, spread over the {n} of the dataset, is readable")
+        raise DataError(f"{counted} (first: {first_error}): check the data folder")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -184,12 +236,13 @@ class SeededImages(Dataset):
             path_index = (index + skipped) % len(self.paths)
             try:
                 return self.read(path_index, seed), self.labels[path_index], skipped
-            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on bad files
+            except UNREADABLE as e:
                 log.warning("skipping unreadable image %s: %s", self.paths[path_index], e)
                 if not self.replace_unreadable:
                     return self.blank(), -1, 1
-        raise RuntimeError(f"{self.max_skips} consecutive unreadable images from "
-                           f"{self.paths[index]}: check the data folder")
+        tried = min(self.max_skips, len(self.paths))
+        scope = f"all {tried} of the dataset" if tried == len(self.paths) else f"of {len(self.paths)} in the dataset"
+        raise DataError(f"{tried} unreadable images in a row from {self.paths[index]} ({scope}): check the data folder")
 
     def blank(self):
         if self._blank is None:
@@ -313,24 +366,27 @@ def imagenet_wnids(name: str = "imagenet_synsets.txt") -> tuple[str, ...]:
     return tuple(path.read_text().split())
 
 
+def class_index(classes: list[str], label_space: str, root: str | Path, what: str) -> tuple[dict[str, int], int]:
+    """The label of each class folder of ``root`` under ``label_space``, and the number of classes."""
+    if label_space == "folder":
+        return {c: i for i, c in enumerate(classes)}, len(classes)
+    if label_space == "imagenet1k":
+        index = {w: i for i, w in enumerate(imagenet_wnids())}
+        unknown = [c for c in classes if c not in index]
+        if unknown:
+            raise ConfigError(f"{what}: folders {summarize_names(unknown)} of {root} are not ImageNet-1k wnids "
+                              "(use label_space=folder)")
+        return {c: index[c] for c in classes}, len(index)
+    raise ConfigError(f"{what}: label_space must be folder or imagenet1k, got {label_space!r}")
+
+
 def labelled_images(root: str | Path, label_space: str, what: str) -> tuple[list[str], list[int], int]:
     """``root/<class>/<image>`` -> paths, labels, number of classes.
 
     ``label_space``: ``folder`` (sorted folder index) or ``imagenet1k`` (folders are wnids, labels
     are their index among the 1000 ImageNet-1k classes, whatever subset of folders is present).
     """
-    classes = image_folder_classes(root, what)
-    if label_space == "folder":
-        class_to_idx, num_classes = {c: i for i, c in enumerate(classes)}, len(classes)
-    elif label_space == "imagenet1k":
-        index = {w: i for i, w in enumerate(imagenet_wnids())}
-        unknown = [c for c in classes if c not in index]
-        if unknown:
-            raise ValueError(f"{what}: folders {unknown[:5]} of {root} are not ImageNet-1k wnids "
-                             "(use data.label_space=folder)")
-        class_to_idx, num_classes = {c: index[c] for c in classes}, len(index)
-    else:
-        raise ValueError(f"data.label_space must be folder or imagenet1k, got {label_space!r}")
+    class_to_idx, num_classes = class_index(image_folder_classes(root, what), label_space, root, what)
     samples = image_folder_samples(root, class_to_idx, what)
     return [p for p, _ in samples], [y for _, y in samples], num_classes
 

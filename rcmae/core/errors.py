@@ -11,3 +11,11 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """A loss was NaN or infinite: the run stops, its last checkpoint holds the last good weights."""
+
+
+class DataError(RuntimeError):
+    """Images that cannot be used (all unreadable, too many in a row): the message names the files and counts."""
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another live run holds the output directory (the message names its host, pid and command)."""

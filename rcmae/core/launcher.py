@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 from rcmae.core.config import config_path, load_config, save_config
-from rcmae.core.errors import CheckpointError, ConfigError
+from rcmae.core.errors import CheckpointError, ConfigError, DataError, OutputDirInUseError
 
 # A function, or its "module:name" (imported only when needed, so that --help starts fast)
 Entry = Union[Callable, str]
@@ -37,7 +37,8 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm", action="store_true", help="submit to SLURM instead of running here")
     g.add_argument("--local", action="store_true",
                    help="with --slurm: submitit's local executor (debugging, tests)")
-    g.add_argument("--dry-run", action="store_true", help="check the job, print it, submit nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="run the checks and print the plan (with --slurm: the job); run, write or submit nothing")
     g.add_argument("--nodes", type=int, default=1)
     g.add_argument("--gpus-per-node", type=int, default=8)
     g.add_argument("--cpus-per-task", type=int, default=10)
@@ -60,13 +61,25 @@ def slurm_world_size(args: argparse.Namespace) -> int:
     return 1 if args.local else args.nodes * max(args.gpus_per_node, 1)
 
 
+def job_world_size(args: argparse.Namespace) -> int:
+    """Processes the run will have: the SLURM job's, or here those torchrun / srun describe (else 1)."""
+    if args.slurm:
+        return slurm_world_size(args)
+    from rcmae.core.distributed import env_from_variables
+
+    return env_from_variables()[0].world_size
+
+
 def run_main(main: Entry, cfg: dict) -> dict:
-    """``main(cfg)``, then leave the process group (a main may call another: the demos do)."""
+    """``main(cfg)``, then let go of its output directory and leave the process group (a main may call
+    another: the demos do)."""
     from rcmae.core.distributed import cleanup
+    from rcmae.core.run import release_output_dirs
 
     try:
         return resolve(main)(cfg)
     finally:
+        release_output_dirs()
         cleanup()
 
 
@@ -139,8 +152,15 @@ def sbatch_options(params: dict) -> list[str]:
 
 
 def launch(main: Entry, cfg: dict, args: argparse.Namespace, name: str):
-    """Run ``main(cfg)`` in this process, or submit it (``--slurm``); returns the result or the job."""
+    """Run ``main(cfg)`` in this process, or submit it (``--slurm``); returns the result or the job.
+    ``--dry-run`` prints what would run or be submitted and returns None."""
     if not args.slurm:
+        if args.dry_run:
+            print(f"dry run: the checks passed; {name} would run here on {job_world_size(args)} process(es), "
+                  f"outputs in {Path(cfg['train']['output_dir']).resolve()}. Nothing was run or written. "
+                  "The resolved config:")
+            save_config(cfg, sys.stdout)
+            return None
         return run_main(main, cfg)
     import submitit
 
@@ -165,6 +185,19 @@ def launch(main: Entry, cfg: dict, args: argparse.Namespace, name: str):
     return job
 
 
+def last_checkpoint_note(out_dir: str) -> str:
+    """Where a stopped run can be continued from, in a sentence."""
+    from rcmae.core.checkpoint import find_last_checkpoint
+
+    try:
+        last = find_last_checkpoint(out_dir)
+    except CheckpointError as e:  # a pointer to a file that is gone: say so rather than fail again
+        return f"The last checkpoint cannot be found: {e}"
+    if last is None:
+        return f"No checkpoint was written in {Path(out_dir).resolve()}."
+    return f"The last checkpoint is {last.resolve()} (--resume continues from it)."
+
+
 def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
             description: str, errors: tuple = (), add_args=None, args_to_overrides=None,
             preflight: Entry | None = None):
@@ -175,7 +208,9 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
 
     The tool's demo (``demo_config``) runs only with no arguments at all or ``--demo``; any other
     call starts from ``defaults`` (the documented recipe). ``preflight(cfg, world_size)`` checks a
-    config before a job is submitted, with the world size the job will have. A tool may add flags
+    config before anything runs, is written or is submitted, with the world size the run or job will
+    have; ``--dry-run`` stops after the checks and prints the plan. Ctrl-C stops a run with exit
+    status 130 and names its last checkpoint. A tool may add flags
     (``add_args(parser)``) that become overrides (``args_to_overrides(args) -> ["key=value", ...]``).
     """
     p = argparse.ArgumentParser(prog=name, description=description, formatter_class=HelpFormatter)
@@ -194,7 +229,7 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
     if add_args is not None:
         add_args(p)
     add_launch_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come after flags too
     demo = args.demo or not argv
     overrides = (args_to_overrides(args) if args_to_overrides else []) + list(args.overrides)
     if args.output_dir:
@@ -203,6 +238,7 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
         overrides.append(f"train.resume={args.resume}")
     if getattr(args, "no_resume", False):
         overrides.append("train.resume=none")
+    cfg = None
     try:
         if demo and args.config_file:
             raise ConfigError("--demo runs the demo config; drop --demo to use --config-file")
@@ -210,11 +246,19 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
         if args.print_config:
             save_config(cfg, sys.stdout)
             return cfg
-        if args.slurm and preflight is not None:  # fail now, not after the queue wait
-            resolve(preflight)(cfg, slurm_world_size(args))
+        from rcmae.core.run import check_run_config
+
+        # everything that can be checked fails now, before anything is written (and not after a queue wait)
+        check_run_config(cfg)
+        if preflight is not None:
+            resolve(preflight)(cfg, job_world_size(args))
         result = launch(main, cfg, args, name=name)
-    except (ConfigError, CheckpointError, FileNotFoundError, *errors) as e:
+    except (ConfigError, CheckpointError, DataError, OutputDirInUseError, FileNotFoundError, *errors) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        note = last_checkpoint_note(cfg["train"]["output_dir"]) if cfg else "Nothing had started."
+        print(f"\ninterrupted: stopped. {note}", file=sys.stderr)
+        sys.exit(130)  # the shell's status for a command ended by Ctrl-C
     if isinstance(result, dict):
         print("\ndone. outputs:")
         for key, value in result.items():

@@ -2,23 +2,26 @@
 metric logging with one host sync every few steps, and the non-finite-loss stop."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import platform
 import resource
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Callable
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rcmae.core.config import save_config
-from rcmae.core.distributed import DistEnv, all_reduce, barrier, init_distributed, world_size
-from rcmae.core.errors import ConfigError, NonFiniteLossError
+from rcmae.core.config import flatten, save_config
+from rcmae.core.distributed import DistEnv, all_gather_objects, all_reduce, init_distributed, world_size
+from rcmae.core.errors import ConfigError, NonFiniteLossError, OutputDirInUseError
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +30,94 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 def accumulation_steps(batch_size: int, micro_batch: int, world: int) -> int:
     """Gradient accumulation that keeps the effective batch ``batch_size`` on ``world`` processes."""
+    check_counts({"optim.batch_size": batch_size, "train.micro_batch": micro_batch})
     per_step = micro_batch * world
     if batch_size % per_step:
         raise ConfigError(f"optim.batch_size={batch_size} must be a multiple of "
                           f"train.micro_batch ({micro_batch}) x processes ({world}) = {per_step}")
     return batch_size // per_step
+
+
+def check_counts(cfg: dict) -> None:
+    """Batch sizes (keys ending in ``batch_size`` or ``micro_batch``) are positive and worker counts
+    (``num_workers``) are 0 or more, in any section, so that neither surfaces as a division by zero or
+    a DataLoader error after the run has started."""
+    for key, value in flatten(cfg).items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf.endswith(("batch_size", "micro_batch")) and value is not None and value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value}")
+        if leaf == "num_workers" and value is not None and value < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {value} (0 reads the data in the training process)")
+
+
+def check_output_dir(out_dir: str | Path, key: str = "train.output_dir") -> None:
+    """The output directory is a directory, or can be created as one, and is writable: checked before
+    anything is written, so a bad path fails with its name instead of half a run set-up."""
+    path = Path(out_dir).resolve()
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor is where mkdir would write
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "" if existing == path else f" cannot be created: {existing}"
+        raise ConfigError(f"{key}={out_dir}{what} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={out_dir}: {existing} is not writable (permissions or a read-only file "
+                          "system); choose another output directory")
+
+
+def check_run_config(cfg: dict) -> None:
+    """What every tool's run needs from its config, checked before any work: the counts
+    (:func:`check_counts`) and the output directory (:func:`check_output_dir`)."""
+    check_counts(cfg)
+    check_output_dir(cfg["train"]["output_dir"])
+
+
+LOCK_FILE = "run.lock"
+_held_output_dirs: dict[Path, IO[str]] = {}  # output dir -> its open lock file, for this process
+
+
+def lock_output_dir(out_dir: Path) -> None:
+    """Make this process the only run in ``out_dir``: an exclusive ``flock`` on ``out_dir/run.lock``,
+    which names the holder (host, pid, start time, command). The kernel drops the lock when the holder
+    exits or dies, so a crashed run's lock file is simply taken over. Re-entrant within a process (a
+    main may run twice in one process); :func:`release_output_dirs` lets go."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir in _held_output_dirs:
+        return
+    lock = open(out_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder_text = lock.read()
+        lock.close()
+        try:
+            holder = json.loads(holder_text)
+            who = (f"pid {holder['pid']} on {holder['host']}, started {holder['started']}, command: "
+                   f"{' '.join(holder['argv'])}")
+        except (ValueError, KeyError, TypeError):  # the holder is between taking the lock and writing its name
+            who = "a process that is just starting"
+        raise OutputDirInUseError(
+            f"{out_dir} is in use by another run ({who}). Two runs in one output directory would overwrite "
+            "each other's checkpoints and metrics: wait for that run to end, stop it, or set another "
+            "train.output_dir.") from None
+    except OSError as e:  # a file system without locks: run, but say that nothing guards the directory
+        log.warning("cannot lock %s (%s): a second run started in this directory would not be stopped",
+                    out_dir / LOCK_FILE, e)
+    lock.seek(0)
+    lock.truncate()
+    holder = {"host": platform.node(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "argv": sys.argv}
+    lock.write(json.dumps(holder) + "\n")
+    lock.flush()
+    _held_output_dirs[out_dir] = lock
+
+
+def release_output_dirs() -> None:
+    """Let go of every output directory this process locked (the end of a run, or of the process)."""
+    while _held_output_dirs:
+        _, lock = _held_output_dirs.popitem()
+        lock.close()  # closing the file drops its flock
 
 
 def resolve_precision(precision: str, device_type: str) -> tuple[str, torch.dtype | None]:
@@ -213,7 +299,6 @@ def run_record(env: DistEnv) -> dict:
     """What reproduces a run beside its config: the command line, the code's git commit (when it runs
     from a checkout) and the versions of what it runs on."""
     import importlib.metadata
-    import platform
     import subprocess
 
     import rcmae
@@ -249,19 +334,38 @@ class Run:
     amp_dtype: torch.dtype | None
 
 
-def start_run(cfg: dict) -> Run:
-    """Join the process group, pick the device and precision, prepare the output directory
-    (stale temporary files removed, logging, resolved config saved)."""
+def claim_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir``, lock it (:func:`lock_output_dir`), then remove half-written files of an
+    interrupted save: only once the lock is held, since another live run's ``*.tmp`` is its checkpoint
+    being written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_output_dir(out_dir)
+    for stale in out_dir.glob("*.tmp"):
+        stale.unlink()
+
+
+def start_run(cfg: dict, validate: Callable[[dict, int], object] | None = None) -> Run:
+    """Check the config (:func:`check_run_config`, then the tool's ``validate(cfg, world_size)``), join
+    the process group, pick the device and precision, and only then prepare the output directory
+    (created and locked by the main process, stale temporary files removed, logging, resolved config
+    saved): a config that fails its checks leaves nothing behind."""
+    check_run_config(cfg)
     t = cfg["train"]
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if t["device"] == "auto" else t["device"]
     env = init_distributed(device_type)
+    if validate is not None:
+        validate(cfg, env.world_size)
     device = torch.device(device_type, env.local_rank) if device_type == "cuda" else torch.device("cpu")
     out_dir = Path(t["output_dir"]).resolve()
+    refusal = None
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob("*.tmp"):  # half-written files of an interrupted save
-            stale.unlink()
-    barrier()
+        try:
+            claim_output_dir(out_dir)
+        except (OutputDirInUseError, OSError) as e:
+            refusal = e
+    refusal = all_gather_objects(refusal)[0]  # the other processes wait here, and stop with the main one
+    if refusal is not None:
+        raise refusal
     setup_logging(out_dir, env.is_main)
     if env.is_main:
         save_config(cfg, out_dir / "config.yaml")

@@ -1,4 +1,5 @@
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,17 @@ def make_imagenet(root: Path, per_class: int = 4, size: int = 48) -> Path:
 def imagenet(tmp_path_factory):
     """One miniature ImageNet for the whole session (read-only for tests)."""
     return make_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+@pytest.fixture(autouse=True)
+def project_logger_as_found():
+    """A run's set-up gives the ``rcmae`` logger its own handlers and stops propagation (so that nothing
+    prints twice); put it back after each test, so that ``caplog`` in a later test sees its records."""
+    logger = logging.getLogger("rcmae")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    yield
+    for handler in logger.handlers[:]:
+        if handler not in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+    logger.propagate, logger.level = propagate, level

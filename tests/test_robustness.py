@@ -7,7 +7,6 @@ import pytest
 import timm.data
 import torch
 import torch.multiprocessing as mp
-from conftest import ROOT
 from PIL import Image
 
 from rcmae.core import checkpoint as ck
@@ -187,25 +186,3 @@ def test_exact_counting_with_two_processes_and_an_uneven_split(tmp_path):
     assert one["n"] == two["n"] == 7 and one["classes"] == 2
     assert (one["correct1"], one["correct5"]) == (two["correct1"], two["correct5"])
     assert two["correct5"] == 7  # restricted to 2 classes, both are in the top 5
-
-
-@pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
-    import subprocess
-    import sys
-
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_robustness.py"), "--demo", "--output",
-                          str(tmp_path / "rob")], capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = tmp_path / "rob"
-    for name in ("robustness.json", "summary.md", "imagenet_c_errors.csv", "imagenet_c.png"):
-        assert (out / name).is_file(), name
-    import json
-
-    r = json.loads((out / "robustness.json").read_text())
-    assert r["imagenet_c"]["mCE_status"] == "complete" and r["imagenet_c"]["mCE"] is not None
-    assert len(r["imagenet_c"]["cells"]) == 19 * 5
-    assert r["imagenet_a"]["classes"] == 2 and r["imagenet_r"]["classes"] == 3
-    assert r["imagenet_sketch"]["n"] == 12 and r["imagenet_val"]["n"] == 12
-    csv_rows = (out / "imagenet_c_errors.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + 19 and "| this model |" in (out / "summary.md").read_text()

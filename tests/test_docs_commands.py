@@ -11,8 +11,9 @@ The rewrites, the same for every command (:func:`rehearsal`):
 - a submission (``--slurm``) and a full-size detection config are rehearsed with ``--dry-run``: every check,
   nothing submitted or trained;
 - real runs get the miniature's model and a short schedule, appended (later overrides win), and 2 processes
-  where the docs say 8 (gloo on CPU); a tool called without arguments is called with ``--demo``, its
-  documented equivalent;
+  where the docs say 8 (gloo on CPU), after a ``--dry-run`` at the world size written (torchrun's variables)
+  so that the 2 processes cannot hide a batch that does not split; a tool called without arguments is called
+  with ``--demo``, its documented equivalent; a command the docs give twice runs once;
 - a command that needs CUDA runs only where there is a GPU.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,6 @@ class Command:
     line: int
     text: str  # as written, continuation lines joined, comment dropped
     language: str = "bash"
-    argv: list = field(default_factory=list)
 
 
 def doc_commands() -> list[Command]:

@@ -62,7 +62,8 @@ import numpy as np
 from PIL import Image
 from torchvision import transforms
 
-from rcmae.core.data import UNREADABLE, labelled_images
+from rcmae.core.data import labelled_images
+from rcmae.core.errors import UNREADABLE
 from rcmae.core.run import progress
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 

@@ -25,14 +25,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from rcmae.core.demo_data import build_demo_labelled
 from rcmae.core.distributed import barrier
-from rcmae.core.errors import ConfigError, DataError
+from rcmae.core.errors import UNREADABLE, ConfigError, DataError
 from rcmae.core.shards import ShardMember, read_member
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-UNREADABLE = (OSError, ValueError, SyntaxError)  # what PIL raises on bad files
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -1,5 +1,8 @@
 """The errors a user can act on; each message names the key, file or value and what was expected."""
 
+# what PIL raises on a file that is no readable image (empty, truncated, another format)
+UNREADABLE = (OSError, ValueError, SyntaxError)
+
 
 class ConfigError(ValueError):
     """A config key, value or combination that cannot work (the message names the key)."""

@@ -29,6 +29,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from rcmae.core.errors import UNREADABLE
+
 log = logging.getLogger(__name__)
 
 FORMAT = "rcmae-shards/1"
@@ -230,7 +232,7 @@ def image_problem(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on bad files
+    except UNREADABLE as e:
         return f"cannot be decoded ({e})"
     return None
 

@@ -28,7 +28,7 @@ def run(argv=None):
                    help="seed of every random draw (with the corruption, severity and image path); default 0")
     args = p.parse_args(argv)
     # numpy, PIL, torchvision: after parsing
-    from rcmae.core.data import summarize_names
+    from rcmae.core.errors import summarize_names
     from rcmae.robustness.imagenet_c import UNREADABLE_FILE, make_imagenet_c
 
     try:

@@ -25,7 +25,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from rcmae.core.demo_data import build_demo_labelled
 from rcmae.core.distributed import barrier
-from rcmae.core.errors import UNREADABLE, ConfigError, DataError
+from rcmae.core.errors import UNREADABLE, ConfigError, DataError, summarize_names
 from rcmae.core.shards import ShardMember, read_member
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,6 @@ def check_folder_pair(d: dict, section: str) -> None:
                               f"imagenet/{key[:-len('_path')]}), or {section}.source=demo")
     classes = {key: image_folder_classes(d[key], f"{section}.{key}") for key in ("train_path", "val_path")}
     check_class_names(classes, {key: d[key] for key in classes}, d["label_space"], section)
-
-
-def summarize_names(names: list[str], limit: int = 5) -> str:
-    """The first few names and how many there are: ``a, b, c ... (12 in all)``."""
-    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "") + f" ({len(names)} in all)"
 
 
 def check_class_names(classes: dict[str, list[str]], roots: dict[str, str], label_space: str, section: str) -> None:

@@ -22,3 +22,8 @@ class DataError(RuntimeError):
 
 class OutputDirInUseError(RuntimeError):
     """Another live run holds the output directory (the message names its host, pid and command)."""
+
+
+def summarize_names(names: list[str], limit: int = 5) -> str:
+    """The first few names and how many there are, for a message: ``a, b, c ... (12 in all)``."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "") + f" ({len(names)} in all)"

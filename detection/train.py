@@ -1,18 +1,29 @@
 """ViTDet training and evaluation on detectron2 (one trainer loop with hooks, LazyConfig, AMP)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup, default_writers, hooks
+from detectron2.engine import (
+    AMPTrainer,
+    HookBase,
+    SimpleTrainer,
+    create_ddp_model,
+    default_setup,
+    default_writers,
+    hooks,
+)
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from rcmae.core.preemption import Interrupted, noting_signals, restart_count, stop_requested
 from rcmae.detection.checkpoint import load_detector, load_vit_backbone
 from rcmae.detection.data import build_coins_dataset, register_coco
 from rcmae.detection.evaluation import COCOEval, write_results
@@ -61,8 +72,40 @@ def wrap_ddp(model, device: str, ddp_options) -> torch.nn.Module:
     return create_ddp_model(model, **ddp_options)
 
 
+class StopAtSignal(HookBase):
+    """After every iteration every process asks whether USR2 or TERM came (one small all-reduce); when
+    one did, the main process saves the checkpoint detectron2's PeriodicCheckpointer saves at a period
+    (``model_{iter:07d}.pth`` with ``iteration``: ``--resume`` starts at the next one; nothing more if
+    that hook saved at this iteration already), the processes wait for it, and all raise
+    :class:`Interrupted` (a BaseException: the trainer does not log it as a failure). Registered after
+    the LR scheduler and the checkpointer (their state for this iteration is the one saved) and before
+    the evaluation (a periodic evaluation due at this iteration is skipped: the time left before the
+    job is killed goes to the save). ``signum`` tells the evaluation function after the last iteration
+    not to run."""
+
+    def __init__(self, checkpointer: DetectionCheckpointer | None, period: int):
+        self.checkpointer, self.period = checkpointer, period
+        self.signum: int | None = None
+
+    def after_step(self):
+        signum = stop_requested()
+        if signum is None:
+            return
+        self.signum = signum
+        iteration, max_iter = self.trainer.iter, self.trainer.max_iter
+        # PeriodicCheckpointer (before this hook) saved at a multiple of its period, and model_final at the end
+        periodic = (iteration + 1) % self.period == 0 or iteration >= max_iter - 1
+        if self.checkpointer is not None and not periodic:
+            self.checkpointer.save(f"model_{iteration:07d}", iteration=iteration)
+        comm.synchronize()  # no process leaves before the checkpoint is written
+        stop = Interrupted(signum, f"iteration {iteration + 1} of {max_iter}")
+        log.warning("%s: state saved", stop)
+        raise stop
+
+
 def do_train(cfg, resume: bool) -> tuple[torch.nn.Module, dict]:
-    """Train; returns the model and the results of its last evaluation (after the last iteration)."""
+    """Train; returns the model and the results of its last evaluation (after the last iteration).
+    Stops after the iteration in which USR2 or TERM came, saved (:class:`StopAtSignal`)."""
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
@@ -72,8 +115,11 @@ def do_train(cfg, resume: bool) -> tuple[torch.nn.Module, dict]:
     checkpointer = DetectionCheckpointer(ddp, cfg.train.output_dir, trainer=trainer)
     main_process = comm.is_main_process()
     evaluations = []
+    stopper = StopAtSignal(checkpointer if main_process else None, cfg.train.checkpointer.period)
 
     def evaluate() -> dict:
+        if stopper.signum is not None:  # stopped at the last iteration: the resumed run evaluates
+            return {}
         evaluations.append(do_test(cfg, model))
         return evaluations[-1]
 
@@ -81,6 +127,7 @@ def do_train(cfg, resume: bool) -> tuple[torch.nn.Module, dict]:
         hooks.IterationTimer(),
         hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
         hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main_process else None,
+        stopper,
         hooks.EvalHook(cfg.train.eval_period, evaluate),
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if main_process else None,
@@ -94,12 +141,33 @@ def do_train(cfg, resume: bool) -> tuple[torch.nn.Module, dict]:
         load_vit_backbone(model, cfg.train.init_checkpoint, cfg.train.get("init_which", "auto"))
     else:  # check_weights let it through: train.allow_scratch
         log.info("train.allow_scratch: the backbone starts from random weights")
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except Interrupted:
+        # Shut the DataLoader workers down in order now (they never see the signal): the traceback keeps
+        # this frame, and so the trainer and its data iterator, alive until the process exits, where
+        # multiprocessing would otherwise wait for workers that ignore its TERM.
+        trainer.reset_data_loader(lambda: None)
+        raise
     return model, evaluations[-1]
+
+
+def resume_after_restart(cfg, args) -> str | None:
+    """A training job SLURM restarted (requeue, preemption, node failure) continues from the output
+    directory's last checkpoint whatever its first command line said: SLURM reruns that command, and
+    without ``--resume`` it would start again from iteration 0. Sets ``args.resume``; returns the
+    warning to log, or None."""
+    out = Path(cfg.train.output_dir).resolve()
+    if args.eval_only or args.resume or not restart_count() or not (out / "last_checkpoint").is_file():
+        return None
+    args.resume = True
+    return (f"SLURM job {os.environ.get('SLURM_JOB_ID')} restart {restart_count()}: resuming from the last "
+            f"checkpoint in {out} although the first command line had no --resume")
 
 
 def setup(args):
     cfg = load_config(args.config_file, args.opts)
+    restarted = resume_after_restart(cfg, args)
     check_weights(cfg, args.eval_only, args.resume)
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         log.warning("no GPU: training on the CPU without AMP")
@@ -108,22 +176,27 @@ def setup(args):
     default_setup(cfg, args)  # logging, seeds, environment info, output_dir/config.yaml
     # our loggers (all under "rcmae"), into the same log.txt and console
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="rcmae")
+    if restarted:
+        log.warning(restarted)
     return cfg
 
 
 def main(args) -> dict:
     """Train (and evaluate every ``train.eval_period``), or ``--eval-only`` a detectron2 checkpoint
-    (``train.init_checkpoint``, or the output dir's last one with ``--resume``)."""
-    cfg = setup(args)
-    register_datasets(cfg, args.dataset or [])
-    out = Path(cfg.train.output_dir).resolve()
-    if args.eval_only:  # inference needs no DDP wrapper: each process runs its share of the images
-        model = build_model(cfg)
-        loaded = load_detector(model, cfg.train.init_checkpoint, cfg.train.output_dir, args.resume)
-        log.info("evaluating %s", loaded)
-        results = do_test(cfg, model)
-    else:
-        model, results = do_train(cfg, args.resume)  # its EvalHook evaluates after the last iteration
+    (``train.init_checkpoint``, or the output dir's last one with ``--resume``). Training stops at USR2
+    or TERM, saved, with :class:`Interrupted`: noted from the start of every process that trains (those
+    of detectron2's launch, torchrun's, SLURM's tasks), so that none dies of it before the others save."""
+    with noting_signals() if not args.eval_only else contextlib.nullcontext():
+        cfg = setup(args)
+        register_datasets(cfg, args.dataset or [])
+        out = Path(cfg.train.output_dir).resolve()
+        if args.eval_only:  # inference needs no DDP wrapper: each process runs its share of the images
+            model = build_model(cfg)
+            loaded = load_detector(model, cfg.train.init_checkpoint, cfg.train.output_dir, args.resume)
+            log.info("evaluating %s", loaded)
+            results = do_test(cfg, model)
+        else:
+            model, results = do_train(cfg, args.resume)  # its EvalHook evaluates after the last iteration
     summary = {"output_dir": str(out), "results": str(out / "eval_results.json"),
                "table": str(out / "eval_results.md"), "metrics": str(out / "metrics.json")}
     if comm.is_main_process():
@@ -172,6 +245,36 @@ def visualize(cfg, model, path: Path, max_images: int = 2, threshold: float = 0.
     plt.close(fig)
     log.info("predictions drawn in %s", path)
     return path
+
+
+def stopped(stop: Interrupted, output_dir: str):
+    """A local run stopped at USR2 / TERM: the message and exit status of ``launcher.run_cli`` (128 +
+    the signal, the shell's status for a command that signal ended)."""
+    from rcmae.core.launcher import last_checkpoint_note
+
+    print(f"\n{stop}. {last_checkpoint_note(output_dir)}", file=sys.stderr)
+    sys.exit(128 + stop.signum)
+
+
+def launched_main(args) -> dict:
+    """``main`` in a process of detectron2's launch (``--num-gpus`` > 1): at a stop at USR2 / TERM the
+    main process names the checkpoint and ends with status 128 + the signal, which the launch raises
+    (torch's spawn would print the traceback of an uncaught Interrupted and report status 1).
+
+    Its DataLoader workers are forked, as under torchrun or SLURM: a process of the launch inherits the
+    launch's ``spawn``, and a spawned worker would start without the signals blocked
+    (:mod:`rcmae.core.preemption` blocks them at a fork) and die of the TERM sent to every process,
+    failing the step in progress."""
+    import multiprocessing
+
+    if not args.eval_only:
+        multiprocessing.set_start_method("fork", force=True)
+    try:
+        return main(args)
+    except Interrupted as stop:
+        if comm.is_main_process():
+            stopped(stop, load_config(args.config_file, args.opts).train.output_dir)
+        sys.exit(0)  # the launch reports the main process's status (and would end it, were it not last)
 
 
 def run_job(job: dict) -> dict:

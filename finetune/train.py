@@ -214,7 +214,8 @@ def main(cfg: dict) -> dict:
         current["lr"] = lr
 
     def checkpoint_due(loop) -> bool:
-        return loop.step == loop.stop or loop.every_epochs(cfg["checkpoint"]["every_epochs"])
+        return (loop.interrupted is not None or loop.step == loop.stop
+                or loop.every_epochs(cfg["checkpoint"]["every_epochs"]))
 
     def log_metrics(loop) -> None:  # before a checkpoint: a non-finite loss stops the run unsaved
         record = metrics.flush(loop.step, loop.step / steps_per_epoch, env.is_main, lr=current["lr"])

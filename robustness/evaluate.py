@@ -3,7 +3,9 @@ and write JSON, CSV, a Markdown summary in the layout of MAE's Table 13, and a p
 
 Every path and layout is checked before the first image. Each finished dataset or ImageNet-C cell is
 appended to ``results.jsonl`` as it completes, so a rerun skips what is done; an empty or unreadable
-cell is reported in the summary instead of stopping the run.
+cell is reported in the summary instead of stopping the run. At USR2 or TERM (a SLURM time limit,
+preemption, ``scancel``) the run stops after the cell in progress (:mod:`rcmae.core.preemption`); a
+job SLURM restarts continues from ``results.jsonl`` whatever its first command line said.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from rcmae.core.config import load_config
 from rcmae.core.distributed import all_gather_objects, barrier
 from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.evaluate import evaluate, shard_loader
+from rcmae.core.preemption import Interrupted, stop_requested
 from rcmae.core.run import setup_logging, start_run
 from rcmae.robustness.data import (
     build_demo_benchmarks,
@@ -152,7 +155,7 @@ def main(cfg: dict) -> dict:
     validate(cfg)
     demo = cfg["data"]["source"] == "demo"
     clf = None if demo else benchmark_classifier(cfg)  # a model refused before the run writes anything
-    run = start_run(cfg)
+    run = start_run(cfg, has_saved_state=lambda out: (out / RESULTS).exists())
     d, env = cfg["data"], run.env
     if demo:  # the demo's model may be fine-tuned in the run first
         cfg = demo_inputs(cfg, run)
@@ -168,7 +171,8 @@ def main(cfg: dict) -> dict:
     if records:
         log.info("resuming: %d datasets / cells already in %s", len(records), results_path)
 
-    for key, label, dataset, mask in tasks(cfg, clf):
+    todo = list(tasks(cfg, clf))
+    for key, label, dataset, mask in todo:
         if key in records:
             continue
         record = {"key": key}
@@ -191,6 +195,14 @@ def main(cfg: dict) -> dict:
         if env.is_main:
             with open(results_path, "a") as f:
                 f.write(json.dumps({**record, "fingerprint": fingerprint}) + "\n")
+        # USR2 / TERM: stop between cells (every process asks here, after the same cell), the finished
+        # ones kept in results.jsonl for the rerun; never within a cell, where the processes' shares differ
+        signum = stop_requested()
+        if signum is not None:
+            done = sum(k in records for k, *_ in todo)
+            stop = Interrupted(signum, f"{done} of {len(todo)} datasets/cells")
+            log.warning("%s: the finished ones are in %s", stop, results_path)
+            raise stop
 
     results = assemble(records, clf, fingerprint, run, cfg)
     paths = write_outputs(results, run.out_dir) if env.is_main else {}

@@ -1,8 +1,11 @@
 import copy
 import logging
+import os
+import socket
 from pathlib import Path
 
 import pytest
+from slurm_cluster import LocalSlurm, SlurmUnavailable
 
 from rcmae.core.config import load_config
 from rcmae.pretrain.defaults import DEFAULTS
@@ -16,6 +19,12 @@ MICRO = {"model": dict(arch="vit_micro_patch8", img_size=32, decoder_dim=32, dec
          "train": dict(micro_batch=8, device="cpu"),
          "checkpoint": dict(every_epochs=1, keep=2),
          "log": dict(every_steps=2, recon_every_epochs=0)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def micro_config(out_dir, overrides=()):
@@ -74,3 +83,29 @@ def project_logger_as_found():
             logger.removeHandler(handler)
             handler.close()
     logger.propagate, logger.level = propagate, level
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """One real single-node SLURM cluster per test session (tests/slurm_cluster.py), stopped at its end; the
+    tests that need it skip with the reason when it cannot start here. RCMAE_SLURM_TESTS=0 turns them off."""
+    if os.environ.get("RCMAE_SLURM_TESTS") == "0":
+        pytest.skip("real-SLURM tests turned off: RCMAE_SLURM_TESTS=0")
+    cluster = LocalSlurm()
+    try:
+        cluster.start(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no local SLURM cluster: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def slurm(slurm_cluster, monkeypatch):
+    """The session's cluster, with os.environ pointing at it for this test (``sbatch``, ``scontrol`` and submitit
+    read SLURM_CONF and PATH); SLURM_* variables inherited from an enclosing job would leak into submissions."""
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in slurm_cluster.env.items():
+        monkeypatch.setenv(name, value)
+    return slurm_cluster

@@ -27,7 +27,8 @@ OUR_TRAIN_KEYS = {"init_which", "allow_scratch"}  # keys this project adds to de
 # used on detectron2 objects, which the import-based collection cannot see
 CLASS_MEMBERS = ["detectron2.checkpoint.DetectionCheckpointer.has_checkpoint",
                  "detectron2.checkpoint.DetectionCheckpointer.get_checkpoint_file",
-                 "detectron2.checkpoint.DetectionCheckpointer.load"]
+                 "detectron2.checkpoint.DetectionCheckpointer.load",
+                 "detectron2.engine.SimpleTrainer.reset_data_loader"]
 VIT_ATTRIBUTES = ("pretrain_use_cls_token", "pos_embed", "patch_embed")
 OPTIONAL = {"detectron2._C"}  # compiled ops, absent from the pure-Python fallback (evaluation.has_compiled_ops)
 

@@ -23,7 +23,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import ROOT, make_imagenet
+from conftest import ROOT, free_port, make_imagenet
 
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 
@@ -125,12 +124,6 @@ def test_the_docs_have_the_commands_this_file_rehearses():
 
 
 # ----------------------------------------------------------------------------------------------- workspace
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, imagenet):
     """A user's directory: the checkout's tools / configs / benchmarks, the miniature data where the docs'

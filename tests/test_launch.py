@@ -1,4 +1,5 @@
 import argparse
+import json
 import os
 import re
 import signal
@@ -82,27 +83,28 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_requeue_resumes(tmp_path, monkeypatch):
+    """USR2 to the task, as SLURM sends before a preemption or time limit: the task finishes its step,
+    saves it, and requeues itself through submitit (Job.checkpoint); the requeued task resumes there."""
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    overrides = ["optim.epochs=25", "checkpoint.every_steps=1", "checkpoint.keep=3", "log.every_steps=1"]
+    overrides = ["optim.epochs=500", "train.stop_at_step=400", "checkpoint.every_epochs=0", "log.every_steps=1"]
     args = launcher_args(["--slurm", "--local", "--timeout", "10"])
     job = launch(main, micro_config(tmp_path / "run", overrides), args, "test")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        last = find_last_checkpoint(tmp_path / "run") if (tmp_path / "run").exists() else None
-        if last is not None and int(re.findall(r"\d+", last.name)[0]) >= 3:
-            break
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 120
+    while not (metrics.exists() and '"step": 3,' in metrics.read_text()):
+        assert time.time() < deadline and not job.done(), "the job did not reach step 3"
         time.sleep(0.05)
-    # SIGUSR2 to the task, as SLURM sends before a preemption or timeout; submitit's handler calls
-    # Job.checkpoint() and the local controller requeues the task
     controller = job._process.pid
     tasks = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
     assert len(tasks) == 1
     os.kill(int(tasks[0]), signal.SIGUSR2)
     result = job.result()
-    assert result["step"] == 100
+    assert result["step"] == 400
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "resuming from" in log, "the requeued job did not resume"
-    straight = main(micro_config(tmp_path / "straight", ["optim.epochs=25"]))
+    stopped = re.search(r"stopped at SIGUSR2 after step (\d+) of 400: state saved", log)
+    assert stopped and f"resuming from {tmp_path / 'run' / f'checkpoint_{int(stopped[1]):08d}.pth'}" in log, log
+    runs = [json.loads(line) for line in (tmp_path / "run" / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 2 and all(r["argv"] == sys.argv for r in runs)  # the user's command, not _submit.py
+    straight = main(micro_config(tmp_path / "straight", overrides))
     a = read_checkpoint(find_last_checkpoint(tmp_path / "run")).raw
     b = read_checkpoint(straight["checkpoint"]).raw
     for part in ("student", "teacher"):

@@ -12,6 +12,7 @@
 """
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -66,13 +67,15 @@ def world_size(args) -> int:
 def run(argv=None):
     args = parse_args(argv)
     from detectron2.engine import launch as d2_launch
+    from torch.multiprocessing import ProcessExitedException
 
     from rcmae.core.errors import CheckpointError, ConfigError
     from rcmae.core.launcher import launch
+    from rcmae.core.preemption import JOB_SIGNALS, Interrupted, noting_signals
     from rcmae.detection.data import DatasetError
     from rcmae.detection.preflight import check_run, load_config, run_plan
+    from rcmae.detection.train import launched_main, run_job, stopped
     from rcmae.detection.train import main as train
-    from rcmae.detection.train import run_job
 
     try:
         # a shipped name works from any directory; the processes and tasks get the absolute path
@@ -91,16 +94,29 @@ def run(argv=None):
             keep = ("config_file", "resume", "eval_only", "opts", "dataset", "num_gpus",
                     "num_machines", "machine_rank", "dist_url")
             job = {"args": {k: getattr(args, k) for k in keep}, "train": {"output_dir": out, "resume": None}}
-            return launch(run_job, job, args, name="vitdet")
+            return launch("rcmae.detection.train:run_job", job, args, name="vitdet")
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
             return run_job({"args": vars(args), "train": {}})
         if args.num_gpus * args.num_machines <= 1:
             result = train(args)
         else:  # detectron2's launcher: one process per GPU on this machine
-            result = d2_launch(train, args.num_gpus, num_machines=args.num_machines,
-                               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+            with noting_signals():  # this process outlives a TERM / USR2 sent to the whole group
+                result = d2_launch(launched_main, args.num_gpus, num_machines=args.num_machines,
+                                   machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
     except (CheckpointError, ConfigError, DatasetError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except Interrupted as stop:  # USR2 / TERM: saved, stopped (one process, or a torchrun rank)
+        if int(os.environ.get("RANK", "0")) == 0:
+            stopped(stop, cfg.train.output_dir)
+        sys.exit(128 + stop.signum)
+    except ProcessExitedException as e:  # a process of detectron2's launch stopped at USR2 / TERM
+        signum = e.exit_code - 128 if e.exit_code > 0 else -e.exit_code
+        if signum not in JOB_SIGNALS:
+            raise
+        if e.exit_code < 0:  # killed before it could note the signal (still starting): nothing saved
+            print(f"\nprocess {e.error_index} ended by {signal.Signals(signum).name} before training",
+                  file=sys.stderr)
+        sys.exit(128 + signum)  # the main process of the launch named the saved checkpoint
     if isinstance(result, dict):
         print("\ndone. outputs:")
         for key, value in result.items():

@@ -71,10 +71,24 @@ def world_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
     if world_size() > 1:
-        dist.all_reduce(t, op=op)
+        dist.all_reduce(t, op=op, group=group)
     return t
+
+
+_control_group = None
+
+
+def control_group():
+    """A gloo group for small CPU tensors (control decisions taken every step): under NCCL they would
+    cost a host-device round trip. The default group when it is gloo already."""
+    global _control_group
+    if dist.get_backend() == "gloo":
+        return None
+    if _control_group is None:
+        _control_group = dist.new_group(backend="gloo")
+    return _control_group
 
 
 def all_gather_objects(obj) -> list:
@@ -91,5 +105,7 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    global _control_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _control_group = None

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+
+from rcmae.core.preemption import Interrupted, stop_requested
+
+log = logging.getLogger(__name__)
 
 
 def training_forward(module: nn.Module, world_size: int, device: torch.device, compile: bool) -> nn.Module:
@@ -109,11 +114,16 @@ class FinallyHook(HookBase):
 class TrainLoop:
     """The loop skeleton every trainer shares: ``run_step(step)`` for optimizer steps ``start`` to
     ``stop``, then every hook's ``after_step`` in order (logging before checkpointing, ...). ``step``
-    counts the finished steps; ``epoch`` and ``epoch_end`` follow from it."""
+    counts the finished steps; ``epoch`` and ``epoch_end`` follow from it.
+
+    After each step every rank asks whether a job-control signal came (:mod:`rcmae.core.preemption`);
+    if so ``interrupted`` holds it while the hooks run (a trainer's checkpoint hook saves then), and
+    the loop raises :class:`Interrupted`."""
 
     def __init__(self, run_step, start: int, stop: int, steps_per_epoch: int, hooks: list[HookBase]):
         self.run_step, self.step, self.stop = run_step, start, stop
         self.steps_per_epoch, self.hooks = steps_per_epoch, hooks
+        self.interrupted: int | None = None
 
     @property
     def epoch(self) -> int:
@@ -134,8 +144,13 @@ class TrainLoop:
             while self.step < self.stop:
                 self.run_step(self.step)
                 self.step += 1
+                self.interrupted = stop_requested()
                 for hook in self.hooks:
                     hook.after_step(self)
+                if self.interrupted is not None:
+                    stop = Interrupted(self.interrupted, f"step {self.step} of {self.stop}")
+                    log.warning("%s: state saved", stop)
+                    raise stop
         finally:
             for hook in self.hooks:
                 hook.after_train(self)

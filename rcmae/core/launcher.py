@@ -1,7 +1,9 @@
 """Command-line launch shared by the tools: run ``main(cfg)`` here, or submit it through submitit.
 
-On SLURM, one task per GPU; submitit sends the timeout / preemption signal, :meth:`Job.checkpoint`
-requeues the same config with ``train.resume=auto``, and the requeued job resumes from the
+On SLURM, one task per GPU. At the time-limit / preemption signal (USR2) or TERM each task's main
+process finishes its step and saves (:mod:`rcmae.core.preemption`); after USR2 the first task requeues
+the job through submitit (:meth:`Job.checkpoint`: the same config with ``train.resume=auto``), after
+TERM SLURM requeues it by itself (or it was cancelled). The restarted job resumes from the
 ``last_checkpoint`` pointer in the output directory (which training writes: see checkpoint.py).
 """
 from __future__ import annotations
@@ -10,12 +12,17 @@ import argparse
 import copy
 import importlib
 import json
+import re
+import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Union
 
 from rcmae.core.config import config_path, load_config, save_config
 from rcmae.core.errors import CheckpointError, ConfigError, DataError, OutputDirInUseError
+from rcmae.core.preemption import Interrupted, noting_signals
 
 # A function, or its "module:name" (imported only when needed, so that --help starts fast)
 Entry = Union[Callable, str]
@@ -51,7 +58,11 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
                    help="any other sbatch option, passed through (repeatable), e.g. exclusive=true, "
                         "reservation=R, comment=C")
-    g.add_argument("--max-requeues", type=int, default=20)
+    g.add_argument("--signal-delay-s", type=int, default=120,
+                   help="how long before the time limit SLURM sends USR2, on which the run saves and requeues: "
+                        "more than a step and a checkpoint take")
+    g.add_argument("--max-requeues", type=int, default=20,
+                   help="requeues after a time limit (preemptions and requeues by SLURM are not counted)")
     g.add_argument("--job-name", default=None)
     g.add_argument("--job-dir", default=None, help="submitit logs (default <output_dir>/submitit)")
 
@@ -71,30 +82,42 @@ def job_world_size(args: argparse.Namespace) -> int:
 
 
 def run_main(main: Entry, cfg: dict) -> dict:
-    """``main(cfg)``, then let go of its output directory and leave the process group (a main may call
-    another: the demos do)."""
+    """``main(cfg)`` with USR2 / TERM noted rather than fatal (the trainers stop at them, saved), then
+    let go of its output directory and leave the process group (a main may call another: the demos do)."""
     from rcmae.core.distributed import cleanup
     from rcmae.core.run import release_output_dirs
 
     try:
-        return resolve(main)(cfg)
+        with noting_signals():
+            return resolve(main)(cfg)
     finally:
         release_output_dirs()
         cleanup()
 
 
 class Job:
-    """The picklable job submitit runs on each task."""
+    """The picklable job submitit runs on each task; ``argv`` is the user's command line, which the
+    task's run records and output-directory lock name (not submitit's ``_submit.py``)."""
 
-    def __init__(self, main: Callable[[dict], dict], cfg: dict):
-        self.main, self.cfg = main, cfg
+    def __init__(self, main: Callable[[dict], dict], cfg: dict, argv: list[str]):
+        self.main, self.cfg, self.argv = main, cfg, argv
 
     def __call__(self) -> dict:
-        import submitit
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's: Job.checkpoint, then scontrol requeue
+        with noting_signals():  # first of all: from here on a signal stops the run where it can save
+            import submitit
 
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
-                                                                overwrite=True)
-        return run_main(self.main, self.cfg)
+            sys.argv[:] = self.argv
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                    overwrite=True)
+            try:
+                return run_main(self.main, self.cfg)
+            except Interrupted as stop:
+                print(f"{stop}; {last_checkpoint_note(self.cfg['train']['output_dir'])}", file=sys.stderr)
+                if stop.signum == signal.SIGUSR2 and callable(requeue):
+                    requeue(signal.SIGUSR2, None)  # the first task requeues and exits; the others return
+                # no result: the job is not done. After TERM, SLURM requeues it (or it was cancelled).
+                raise SystemExit(0)
 
     def checkpoint(self):
         import submitit
@@ -105,7 +128,7 @@ class Job:
         # Training checkpoints periodically; once one exists, the requeued job resumes from it.
         if find_last_checkpoint(cfg["train"]["output_dir"]) is not None:
             cfg["train"]["resume"] = "auto"
-        return submitit.helpers.DelayedSubmission(Job(self.main, cfg))
+        return submitit.helpers.DelayedSubmission(Job(self.main, cfg, self.argv))
 
 
 def executor_parameters(args: argparse.Namespace, name: str) -> dict:
@@ -113,7 +136,7 @@ def executor_parameters(args: argparse.Namespace, name: str) -> dict:
     gpus = args.gpus_per_node
     params = dict(name=args.job_name or name, nodes=args.nodes, tasks_per_node=max(gpus, 1),
                   cpus_per_task=args.cpus_per_task, timeout_min=args.timeout,
-                  slurm_signal_delay_s=120)
+                  slurm_signal_delay_s=args.signal_delay_s)
     if gpus:
         params["gpus_per_node"] = gpus
     if args.mem_gb:
@@ -151,6 +174,67 @@ def sbatch_options(params: dict) -> list[str]:
             for k, v in options.items()]
 
 
+def partition_nodes(partition: str | None) -> tuple[str, list[dict]] | None:
+    """The partition a job goes to (``partition``, else SLURM's default) and its nodes' CPUs, memory (MB)
+    and GPUs, as ``sinfo`` reports them; None when ``sinfo`` is not reachable from here."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--Node", "--format", "%P|%N|%c|%m|%G"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    rows = [line.split("|") for line in out.stdout.split("\n") if line.count("|") == 4]
+    names = sorted({r[0].rstrip("*") for r in rows})
+    if partition is None:
+        defaults = {r[0].rstrip("*") for r in rows if r[0].endswith("*")}
+        if not defaults:
+            raise ConfigError(f"SLURM has no default partition: pass --partition (one of {', '.join(names)})")
+        partition = defaults.pop()
+    elif partition not in names:
+        raise ConfigError(f"--partition {partition}: SLURM has no such partition (sinfo lists {', '.join(names)})")
+    nodes = {}
+    for part, node, cpus, mem, gres in rows:
+        if part.rstrip("*") == partition:
+            gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+            nodes[node] = {"cpus": int(cpus.rstrip("+")), "mem_mb": int(mem.rstrip("+")), "gpus": gpus}
+    return partition, list(nodes.values())
+
+
+def check_request(args: argparse.Namespace, params: dict) -> None:
+    """Refuse a job no node of its partition can run: SLURM accepts it and leaves it PENDING for ever
+    (``Reason=PartitionConfig``), without a word. Nothing is checked when ``sinfo`` is not reachable."""
+    found = partition_nodes(args.partition)
+    if found is None:
+        return
+    partition, nodes = found
+    tasks, gpus = params["tasks_per_node"], params.get("gpus_per_node", 0)
+    cpus = tasks * params["cpus_per_task"]
+    mem_mb = params.get("mem_gb", 0) * 1024
+    fit = [n for n in nodes if n["cpus"] >= cpus and n["gpus"] >= gpus and n["mem_mb"] >= mem_mb]
+    if len(fit) >= params["nodes"]:
+        return
+    most = {key: max(n[key] for n in nodes) for key in ("cpus", "gpus", "mem_mb")}
+    fixes = []
+    if most["gpus"] < gpus:  # one task per GPU: fewer GPUs also means fewer tasks
+        fixes.append(f"--gpus-per-node {most['gpus']} or less" if most["gpus"] else
+                     "--gpus-per-node 0 (a CPU-only job) or a partition with GPUs")
+    if most["cpus"] < cpus:
+        fixes.append(f"--cpus-per-task {most['cpus'] // tasks} or less" if most["cpus"] >= tasks else
+                     f"at most {most['cpus']} task(s) per node, one CPU each")
+    if most["mem_mb"] < mem_mb:
+        fixes.append(f"--mem-gb {most['mem_mb'] // 1024} or less")
+    if not fixes:
+        fixes.append(f"--nodes {len(fit)} or less, or another partition")
+    raise ConfigError(
+        f"partition {partition} cannot run this job, which SLURM would leave pending: each of {params['nodes']} "
+        f"node(s) must give {tasks} task(s) x {params['cpus_per_task']} CPUs = {cpus} CPUs, {gpus} GPU(s)"
+        f"{f', {mem_mb // 1024} GB' if mem_mb else ''}; {len(fit)} of its {len(nodes)} node(s) can (the largest has "
+        f"{most['cpus']} CPUs, {most['gpus']} GPUs, {most['mem_mb'] // 1024} GB). Use {'; '.join(fixes)}")
+
+
 def launch(main: Entry, cfg: dict, args: argparse.Namespace, name: str):
     """Run ``main(cfg)`` in this process, or submit it (``--slurm``); returns the result or the job.
     ``--dry-run`` prints what would run or be submitted and returns None."""
@@ -172,6 +256,8 @@ def launch(main: Entry, cfg: dict, args: argparse.Namespace, name: str):
     if args.local:
         params.pop("gpus_per_node", None)
         params["tasks_per_node"] = 1
+    else:
+        check_request(args, params)
     if args.dry_run:
         print("submitit parameters:", json.dumps(params, indent=2))
         print("\n".join(["sbatch options:", *sbatch_options(params)]))
@@ -180,7 +266,7 @@ def launch(main: Entry, cfg: dict, args: argparse.Namespace, name: str):
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="local" if args.local else None,
                                      slurm_max_num_timeout=args.max_requeues)
     executor.update_parameters(**params)
-    job = executor.submit(Job(main, cfg))
+    job = executor.submit(Job(main, cfg, list(sys.argv)))
     print(f"submitted job {job.job_id}: logs in {folder / job.job_id}, outputs in {out_dir}")
     return job
 
@@ -259,6 +345,9 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
         note = last_checkpoint_note(cfg["train"]["output_dir"]) if cfg else "Nothing had started."
         print(f"\ninterrupted: stopped. {note}", file=sys.stderr)
         sys.exit(130)  # the shell's status for a command ended by Ctrl-C
+    except Interrupted as stop:  # TERM or USR2 outside submitit: saved, stopped
+        print(f"\n{stop}. {last_checkpoint_note(cfg['train']['output_dir'])}", file=sys.stderr)
+        sys.exit(128 + stop.signum)  # the shell's status for a command ended by that signal
     if isinstance(result, dict):
         print("\ndone. outputs:")
         for key, value in result.items():

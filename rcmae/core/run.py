@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from rcmae.core.checkpoint import find_last_checkpoint
 from rcmae.core.config import flatten, save_config
 from rcmae.core.distributed import DistEnv, all_gather_objects, all_reduce, init_distributed, world_size
 from rcmae.core.errors import ConfigError, NonFiniteLossError, OutputDirInUseError
+from rcmae.core.preemption import restart_count
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +324,16 @@ def run_record(env: DistEnv) -> dict:
             "host": platform.node(), "world_size": env.world_size,
             "git": {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
             if commit else None,
-            "versions": versions, "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+            "versions": versions, "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            **slurm_record()}
+
+
+def slurm_record() -> dict:
+    """The SLURM job a run belongs to, and how often SLURM restarted it (nothing outside SLURM)."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    return {"slurm": {"job_id": os.environ["SLURM_JOB_ID"], "restart_count": restart_count(),
+                      "nodes": os.environ.get("SLURM_JOB_NODELIST"), "ntasks": os.environ.get("SLURM_NTASKS")}}
 
 
 @dataclass
@@ -344,13 +355,27 @@ def claim_output_dir(out_dir: Path) -> None:
         stale.unlink()
 
 
-def start_run(cfg: dict, validate: Callable[[dict, int], object] | None = None) -> Run:
+def has_checkpoint(out_dir: Path) -> bool:
+    return find_last_checkpoint(out_dir) is not None
+
+
+def start_run(cfg: dict, validate: Callable[[dict, int], object] | None = None,
+              has_saved_state: Callable[[Path], bool] = has_checkpoint) -> Run:
     """Check the config (:func:`check_run_config`, then the tool's ``validate(cfg, world_size)``), join
     the process group, pick the device and precision, and only then prepare the output directory
     (created and locked by the main process, stale temporary files removed, logging, resolved config
-    saved): a config that fails its checks leaves nothing behind."""
+    saved): a config that fails its checks leaves nothing behind.
+
+    A job SLURM restarted (requeue, preemption, node failure) continues from what its output directory
+    holds (``has_saved_state``) whatever ``train.resume`` said: SLURM reruns the first command line,
+    and ``--no-resume`` or ``--resume PATH`` there would throw away the steps done since."""
     check_run_config(cfg)
     t = cfg["train"]
+    restarted = None
+    if restart_count() and t.get("resume", "auto") != "auto" and has_saved_state(Path(t["output_dir"])):
+        restarted = (f"SLURM job {os.environ.get('SLURM_JOB_ID')} restart {restart_count()}: continuing from "
+                     f"{Path(t['output_dir']).resolve()} instead of train.resume={t['resume']!r} of the first start")
+        t["resume"] = "auto"
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if t["device"] == "auto" else t["device"]
     env = init_distributed(device_type)
     if validate is not None:
@@ -367,6 +392,8 @@ def start_run(cfg: dict, validate: Callable[[dict, int], object] | None = None) 
     if refusal is not None:
         raise refusal
     setup_logging(out_dir, env.is_main)
+    if restarted:
+        log.warning(restarted)
     if env.is_main:
         save_config(cfg, out_dir / "config.yaml")
         with open(out_dir / "runs.jsonl", "a") as f:  # one line per start (and per resume)

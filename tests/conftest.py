@@ -27,6 +27,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a run and its DataLoader workers, as SLURM signals them all)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid] + [p for c in children for p in process_tree(int(c))]
+
+
+def make_benchmarks(root: Path, imagenet: Path) -> Path:
+    """Robustness benchmarks in their real layouts: val (the miniature ImageNet's), -C (2 corruptions x 2
+    severities of the val images at 224 x 224, as stored by the benchmark, plus one empty cell), -A (2 of its
+    classes: stingray, Persian cat), -Sketch."""
+    import shutil
+
+    from PIL import Image
+
+    shutil.copytree(imagenet / "val", root / "val")
+    for corruption in ("fog", "saturate"):
+        for severity in (1, 2):
+            for src in sorted((imagenet / "val").glob("*/*.JPEG"))[::2]:
+                dst = root / "c" / corruption / str(severity) / src.parent.name / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                Image.open(src).resize((224, 224)).save(dst, quality=85)
+    (root / "c" / "snow" / "3" / "n02123045").mkdir(parents=True)  # an empty cell
+    for wnid in ("n01498041", "n02123394"):
+        (root / "a" / wnid).mkdir(parents=True)
+        for src in sorted((imagenet / "val").glob("*/*.JPEG"))[:2]:
+            shutil.copy(src, root / "a" / wnid / src.name)
+    shutil.copytree(imagenet / "val", root / "sketch")
+    return root
+
+
 def micro_config(out_dir, overrides=()):
     """A micro RC-MAE run (4 steps/epoch on 32 synthetic 32-px images) written to ``out_dir``."""
     cfg = copy.deepcopy(DEFAULTS)

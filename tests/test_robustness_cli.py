@@ -2,7 +2,6 @@
 ones (ImageNet val and Sketch: <wnid>/; ImageNet-C: <corruption>/<severity>/<wnid>/, 224 x 224 JPEGs;
 ImageNet-A: <wnid>/ of its 200 classes), with classifiers of every advertised origin."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import timm
 import timm.data
 import torch
-from conftest import ROOT
+from conftest import ROOT, make_benchmarks
 from PIL import Image
 
 from rcmae.core import checkpoint as ck
@@ -27,23 +26,7 @@ IN_A = ["n01498041", "n02123394"]  # stingray, Persian cat: ImageNet-A classes
 
 @pytest.fixture(scope="module")
 def benchmarks(tmp_path_factory, imagenet):
-    """val (the miniature ImageNet's), -C (2 corruptions x 2 severities of the val images at 224 x 224,
-    as stored by the benchmark, plus one empty cell), -A, -Sketch."""
-    root = tmp_path_factory.mktemp("benchmarks")
-    shutil.copytree(imagenet / "val", root / "val")
-    for corruption in ("fog", "saturate"):
-        for severity in (1, 2):
-            for src in sorted((imagenet / "val").glob("*/*.JPEG"))[::2]:
-                dst = root / "c" / corruption / str(severity) / src.parent.name / src.name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                Image.open(src).resize((224, 224)).save(dst, quality=85)
-    (root / "c" / "snow" / "3" / "n02123045").mkdir(parents=True)  # an empty cell
-    for w in IN_A:
-        (root / "a" / w).mkdir(parents=True)
-        for src in sorted((imagenet / "val").glob("*/*.JPEG"))[:2]:
-            shutil.copy(src, root / "a" / w / src.name)
-    shutil.copytree(imagenet / "val", root / "sketch")
-    return root
+    return make_benchmarks(tmp_path_factory.mktemp("benchmarks"), imagenet)
 
 
 def ours_classifier(path, img_size=32, num_classes=1000):

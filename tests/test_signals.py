@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, micro_config
+from conftest import ROOT, free_port, micro_config, process_tree
 
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 from rcmae.core.config import save_config
@@ -24,10 +24,8 @@ LONG = ["optim.epochs=500", "checkpoint.every_epochs=0", "checkpoint.every_steps
 
 def start_tool(tool: str, config: Path, *args: str, log: Path) -> subprocess.Popen:
     """The tool in a session of its own, so that the test can signal all its processes at once."""
-    env = dict(os.environ)  # the thread count of the in-process reference runs
     return subprocess.Popen([sys.executable, str(ROOT / "tools" / tool), "--config-file", str(config), *args],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), cwd=ROOT, env=env,
-                            start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), cwd=ROOT, start_new_session=True)
 
 
 def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -39,11 +37,6 @@ def wait_for_step(out_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
         assert proc.poll() is None, "the run ended before the test could signal it"
         time.sleep(0.05)
     pytest.fail(f"no step {step} in {metrics} after {timeout} s")
-
-
-def process_tree(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid] + [p for c in children for p in process_tree(int(c))]
 
 
 def weights(path) -> dict:
@@ -132,10 +125,10 @@ def test_two_processes_stop_at_the_same_step_when_one_gets_the_signal(tmp_path, 
     both stop; neither waits for the other in a collective that never comes."""
     config = tmp_path / "pretrain.yaml"
     save_config(micro_config(tmp_path / "run", [*LONG, "train.micro_batch=4"]), config)
-    env = dict(os.environ)  # the thread count of the in-process reference runs
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(ROOT / "tools" / "pretrain.py"), "--config-file", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"), cwd=ROOT, env=env,
+                             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                             str(ROOT / "tools" / "pretrain.py"), "--config-file", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "w"), cwd=ROOT,
                             start_new_session=True)
     request.addfinalizer(lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
     wait_for_step(tmp_path / "run", 3, proc)

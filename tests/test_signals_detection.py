@@ -23,7 +23,7 @@ import torch
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, process_tree  # noqa: E402
 
 DEMO = ROOT / "configs" / "detection" / "demo_tiny.py"
 ITERS = 8
@@ -60,11 +60,6 @@ def run(tmp_path: Path, out: Path, *overrides: str, options=(), **extra_env) -> 
                           env=env(**extra_env), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
-
-
-def process_tree(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid] + [p for c in children for p in process_tree(int(c))]
 
 
 def logged(out: Path) -> dict:

@@ -4,7 +4,6 @@ finished cells stay in results.jsonl, and the rerun (a SLURM restart of the firs
 --no-resume one) evaluates only the others, to the numbers of an uninterrupted run."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
-from PIL import Image
+from conftest import ROOT, make_benchmarks, process_tree
 
 from rcmae.core import checkpoint as ck
 from rcmae.core.vit import build_classifier
@@ -51,23 +49,7 @@ main(sys.argv[2:])
 
 @pytest.fixture(scope="module")
 def benchmarks(tmp_path_factory, imagenet):
-    """val (the miniature ImageNet's), -C (2 corruptions x 2 severities, 224 x 224 as stored, and an empty
-    cell), -A (2 of its classes), -Sketch."""
-    root = tmp_path_factory.mktemp("benchmarks")
-    shutil.copytree(imagenet / "val", root / "val")
-    for corruption in ("fog", "saturate"):
-        for severity in (1, 2):
-            for src in sorted((imagenet / "val").glob("*/*.JPEG"))[::2]:
-                dst = root / "c" / corruption / str(severity) / src.parent.name / src.name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                Image.open(src).resize((224, 224)).save(dst, quality=85)
-    (root / "c" / "snow" / "3" / "n02123045").mkdir(parents=True)
-    for wnid in ("n01498041", "n02123394"):
-        (root / "a" / wnid).mkdir(parents=True)
-        for src in sorted((imagenet / "val").glob("*/*.JPEG"))[:2]:
-            shutil.copy(src, root / "a" / wnid / src.name)
-    shutil.copytree(imagenet / "val", root / "sketch")
-    return root
+    return make_benchmarks(tmp_path_factory.mktemp("benchmarks"), imagenet)
 
 
 def arguments(tmp_path, benchmarks, out):
@@ -98,11 +80,6 @@ def scores(path) -> dict:
         return x
 
     return strip(json.loads(path.read_text()))
-
-
-def process_tree(pid: int) -> list[int]:
-    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
-    return [pid] + [p for c in children for p in process_tree(int(c))]
 
 
 @pytest.mark.slow

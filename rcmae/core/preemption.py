@@ -7,8 +7,9 @@ that installed the handler, and the processes it forks (DataLoader workers, ours
 with both signals blocked: torch gives its workers a TERM handler that kills them, and the main process
 would then fail on the dead worker instead of saving. The trainers ask :func:`stop_requested` after each
 step (every rank gets the same answer), save a checkpoint and raise :class:`Interrupted`; the launcher
-then requeues (USR2) or exits (TERM: SLURM requeues by itself, or the job was cancelled). A job SLURM restarts resumes from its output directory
-whatever its first command line said (:func:`restart_count`, used by ``start_run``).
+then requeues (USR2) or exits (TERM: SLURM requeues by itself, or the job was cancelled). A job SLURM
+restarts resumes from its output directory whatever its first command line said (:func:`restart_count`,
+used by ``start_run``).
 """
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ class LocalSlurm:
         self._procs: dict[str, subprocess.Popen] = {}
 
     # ------------------------------------------------------------------ life cycle
-    def start(self, state_dir, gpus: int = 2, cred_expire: int = 10, kill_wait: int = 10, grace_s: int = 20,
+    def start(self, state_dir, gpus: int = 2, cred_expire: int = 10, kill_wait: int = 30, grace_s: int = 20,
               timeout: float = 60.0) -> LocalSlurm:
         """Install what is missing, configure, start the three daemons and wait until the node is idle.
 

@@ -99,7 +99,7 @@ class Job:
     """The picklable job submitit runs on each task; ``argv`` is the user's command line, which the
     task's run records and output-directory lock name (not submitit's ``_submit.py``)."""
 
-    def __init__(self, main: Callable[[dict], dict], cfg: dict, argv: list[str]):
+    def __init__(self, main: Entry, cfg: dict, argv: list[str]):
         self.main, self.cfg, self.argv = main, cfg, argv
 
     def __call__(self) -> dict:
@@ -296,7 +296,8 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
     call starts from ``defaults`` (the documented recipe). ``preflight(cfg, world_size)`` checks a
     config before anything runs, is written or is submitted, with the world size the run or job will
     have; ``--dry-run`` stops after the checks and prints the plan. Ctrl-C stops a run with exit
-    status 130 and names its last checkpoint. A tool may add flags
+    status 130 and names its last checkpoint; TERM or USR2 stop it after the step in progress, saved,
+    with 128 + the signal (:mod:`rcmae.core.preemption`). A tool may add flags
     (``add_args(parser)``) that become overrides (``args_to_overrides(args) -> ["key=value", ...]``).
     """
     p = argparse.ArgumentParser(prog=name, description=description, formatter_class=HelpFormatter)

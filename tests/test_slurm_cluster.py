@@ -1,7 +1,6 @@
 """What a real SLURM cluster does with the jobs the project submits, on a private single-node cluster started by
 the session (tests/slurm_cluster.py; skipped where it cannot start). Every real-SLURM test lives in this one
 file, so that under ``-n 2 --dist loadfile`` one worker runs them all on one cluster."""
-import contextlib
 import copy
 import json
 import os
@@ -21,6 +20,7 @@ from rcmae.core.config import load_config, save_config
 from rcmae.core.vit import build_classifier
 from rcmae.finetune.defaults import DEFAULTS as FINETUNE_DEFAULTS
 from rcmae.finetune.train import main as finetune
+from rcmae.pretrain.linear_teacher import one_thread  # the jobs' thread count (OMP_NUM_THREADS=1)
 from rcmae.pretrain.train import main as pretrain
 
 pytestmark = pytest.mark.slow
@@ -168,18 +168,6 @@ def assert_same_weights(a_path, b_path, parts=("student", "teacher")) -> None:
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """The jobs' thread count (OMP_NUM_THREADS=1), for the reference runs in this process: the sums of a
-    matrix product depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def straight(cfg: dict, out_dir: Path) -> Path:

@@ -23,6 +23,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from rcmae.core.launcher import exit_stopped
 from rcmae.core.preemption import Interrupted, noting_signals, restart_count, stop_requested
 from rcmae.detection.checkpoint import load_detector, load_vit_backbone
 from rcmae.detection.data import build_coins_dataset, register_coco
@@ -247,15 +248,6 @@ def visualize(cfg, model, path: Path, max_images: int = 2, threshold: float = 0.
     return path
 
 
-def stopped(stop: Interrupted, output_dir: str):
-    """A local run stopped at USR2 / TERM: the message and exit status of ``launcher.run_cli`` (128 +
-    the signal, the shell's status for a command that signal ended)."""
-    from rcmae.core.launcher import last_checkpoint_note
-
-    print(f"\n{stop}. {last_checkpoint_note(output_dir)}", file=sys.stderr)
-    sys.exit(128 + stop.signum)
-
-
 def launched_main(args) -> dict:
     """``main`` in a process of detectron2's launch (``--num-gpus`` > 1): at a stop at USR2 / TERM the
     main process names the checkpoint and ends with status 128 + the signal, which the launch raises
@@ -273,7 +265,7 @@ def launched_main(args) -> dict:
         return main(args)
     except Interrupted as stop:
         if comm.is_main_process():
-            stopped(stop, load_config(args.config_file, args.opts).train.output_dir)
+            exit_stopped(stop, load_config(args.config_file, args.opts).train.output_dir)
         sys.exit(0)  # the launch reports the main process's status (and would end it, were it not last)
 
 

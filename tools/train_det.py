@@ -70,11 +70,11 @@ def run(argv=None):
     from torch.multiprocessing import ProcessExitedException
 
     from rcmae.core.errors import CheckpointError, ConfigError
-    from rcmae.core.launcher import launch
+    from rcmae.core.launcher import exit_stopped, launch
     from rcmae.core.preemption import JOB_SIGNALS, Interrupted, noting_signals
     from rcmae.detection.data import DatasetError
     from rcmae.detection.preflight import check_run, load_config, run_plan
-    from rcmae.detection.train import launched_main, run_job, stopped
+    from rcmae.detection.train import launched_main, run_job
     from rcmae.detection.train import main as train
 
     try:
@@ -107,7 +107,7 @@ def run(argv=None):
         sys.exit(f"error: {e}")
     except Interrupted as stop:  # USR2 / TERM: saved, stopped (one process, or a torchrun rank)
         if int(os.environ.get("RANK", "0")) == 0:
-            stopped(stop, cfg.train.output_dir)
+            exit_stopped(stop, cfg.train.output_dir)
         sys.exit(128 + stop.signum)
     except ProcessExitedException as e:  # a process of detectron2's launch stopped at USR2 / TERM
         signum = e.exit_code - 128 if e.exit_code > 0 else -e.exit_code

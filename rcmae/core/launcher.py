@@ -284,6 +284,13 @@ def last_checkpoint_note(out_dir: str) -> str:
     return f"The last checkpoint is {last.resolve()} (--resume continues from it)."
 
 
+def exit_stopped(stop: Interrupted, out_dir: str) -> None:
+    """A run stopped at USR2 / TERM, its state saved: name where it continues from, and exit with 128 + the
+    signal (the shell's status for a command that signal ended)."""
+    print(f"\n{stop}. {last_checkpoint_note(out_dir)}", file=sys.stderr)
+    sys.exit(128 + stop.signum)
+
+
 def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
             description: str, errors: tuple = (), add_args=None, args_to_overrides=None,
             preflight: Entry | None = None):
@@ -347,8 +354,7 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
         print(f"\ninterrupted: stopped. {note}", file=sys.stderr)
         sys.exit(130)  # the shell's status for a command ended by Ctrl-C
     except Interrupted as stop:  # TERM or USR2 outside submitit: saved, stopped
-        print(f"\n{stop}. {last_checkpoint_note(cfg['train']['output_dir'])}", file=sys.stderr)
-        sys.exit(128 + stop.signum)  # the shell's status for a command ended by that signal
+        exit_stopped(stop, cfg["train"]["output_dir"])
     if isinstance(result, dict):
         print("\ndone. outputs:")
         for key, value in result.items():

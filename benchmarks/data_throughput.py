@@ -6,7 +6,7 @@
 
 Baseline (exactly the official ``main_pretrain.py``): ``torchvision.datasets.ImageFolder`` +
 RandomResizedCrop(224, scale (0.2, 1), bicubic) + RandomHorizontalFlip + ToTensor + Normalize. Ours: the
-``fast`` pipeline of ``pretrain/data.py`` (``data.pipeline``), and the ``gpu`` one where CUDA is present
+``fast`` pipeline of ``rcmae/core/data/transforms.py`` (``data.pipeline``), and the ``gpu`` one where CUDA is present
 (loader workers read bytes and draw crops, nvJPEG decodes in the main process: its "per core" figure is
 what one worker feeds, its total what the GPU sustains). Each runs through a DataLoader (batch 64,
 shuffled) with a single worker process (images/s per core: the worker decodes, the main process only
@@ -31,9 +31,11 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from rcmae.core.data import IMAGENET_MEAN, IMAGENET_STD, SeededImages, list_images
-from rcmae.pretrain.data import pretrain_transform
-from rcmae.pretrain.gpu_data import collate_encoded, decode_on_device
+from rcmae.core.data.datasets import SeededImages
+from rcmae.core.data.folder import list_images
+from rcmae.core.data.gpu import collate_encoded, decode_on_device
+from rcmae.core.data.pipelines import pretrain_transform
+from rcmae.core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE, MIN_SCALE, BATCH = 224, 0.2, 64
 
@@ -60,7 +62,7 @@ def generate_folder(root: Path, per_photo: int = 64) -> Path:
     import skimage.data
     from PIL import Image
 
-    from rcmae.core.demo_data import DEMO_PHOTOS
+    from rcmae.core.data.demo import DEMO_PHOTOS
 
     if (root / ".complete").exists():
         return root

@@ -34,15 +34,18 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from rcmae.core.data import SeededImages, list_images, train_batches
+from rcmae.core.data.datasets import SeededImages
+from rcmae.core.data.folder import list_images
+from rcmae.core.data.pipelines import PIPELINES, collate_for, model_input, pretrain_transform
+from rcmae.core.data.sampler import train_batches
+from rcmae.core.data.shards import is_shard_dir, load_index
 from rcmae.core.engine import TrainStep
+from rcmae.core.optim import build_pretrain_optimizer
 from rcmae.core.run import AMP_DTYPES, resolve_precision
-from rcmae.core.shards import is_shard_dir, load_index
 from rcmae.core.vit import ARCHS
-from rcmae.pretrain.data import PIPELINES, collate_for, model_input, pretrain_transform
 from rcmae.pretrain.defaults import DEFAULTS
 from rcmae.pretrain.models import build_mae
-from rcmae.pretrain.rcmae import METRICS, RCMAE, build_optimizer, mask_noise
+from rcmae.pretrain.rcmae import METRICS, RCMAE, mask_noise
 
 OPTIM = DEFAULTS["optim"]
 SEED = 0
@@ -95,7 +98,7 @@ def bench_gamma(args, gamma: float, device: torch.device, amp_dtype, peak: float
     torch.manual_seed(SEED)
     student = build_mae(args.arch, args.img_size, args.decoder_dim, args.decoder_depth, args.decoder_heads)
     model = RCMAE(student, gamma=gamma).to(device)
-    optimizer, _ = build_optimizer(model.student, OPTIM["weight_decay"], OPTIM["betas"], device.type)
+    optimizer, _ = build_pretrain_optimizer(model.student, OPTIM["weight_decay"], OPTIM["betas"], device.type)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype is torch.float16 else None
     forward = torch.compile(model) if args.compile else model
     step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, None, scaler, on_update=model.update_teacher,

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import logging
 
-from rcmae.core.checkpoint import check_checkpoint_option
-from rcmae.core.data import check_folder_pair, labelled_eval_sets
-from rcmae.core.knn import knn_evaluate
+from rcmae.core.checkpoint import check_checkpoint_option, check_which
+from rcmae.core.data.datasets import labelled_eval_sets
+from rcmae.core.data.readers import check_folder_pair
+from rcmae.core.knn import check_knn, knn_evaluate
 from rcmae.core.run import start_run
 from rcmae.core.vit import build_classifier, check_arch
 from rcmae.finetune.models import load_backbone
@@ -18,7 +19,9 @@ def validate(cfg: dict, world: int) -> None:
     """Check a config before any work (the folder pair, the checkpoint file, the architecture)."""
     check_arch(cfg["model"]["arch"], cfg["model"]["img_size"])
     check_folder_pair(cfg["data"], "data")
+    check_knn(cfg["knn"])
     check_checkpoint_option("init.checkpoint", cfg["init"]["checkpoint"])
+    check_which("init.which", cfg["init"]["which"])
 
 
 def main(cfg: dict) -> dict:

@@ -9,7 +9,7 @@ DEFAULTS = {
     # momentum_schedule: cosine (ours, default) | official (the official code's lr and EMA timing, see rcmae.StepSchedules)
     "rcmae": {"gamma": 1.0, "momentum": 0.996, "teacher_mask": "same", "momentum_schedule": "cosine"},
     # source: folder (ImageFolder) | shards (tools/make_shards.py) | demo | synthetic
-    # pipeline: fast (default) | torchvision (the official transforms as they are); see pretrain/data.py
+    # pipeline: fast (default) | torchvision (the official transforms as they are); see rcmae/core/data/pipelines.py
     "data": {"source": "folder", "path": None, "crop_min_scale": 0.2, "pipeline": "fast", "num_workers": 10,
              "synthetic_size": 4096},
     "optim": {"batch_size": 4096, "base_lr": 1.5e-4, "lr": None, "min_lr": 0.0,
@@ -26,23 +26,4 @@ DEFAULTS = {
     # k-NN monitor on a labelled folder pair (source demo: the labelled scikit-image set)
     "knn": {"every_epochs": 0, "source": "folder", "train_path": None, "val_path": None,
             "label_space": "folder", "crop_pct": None, **KNN_DEFAULTS},
-}
-
-# tools/analyze_teacher.py (pretrain/analysis.py). Without --config-file: the comparison at ImageNet
-# scale (RC-MAE ViT-B/16's recipe, 100 epochs, 3 seeds); data.train_path / data.val_path are required.
-ANALYSIS_DEFAULTS = {
-    "sections": ["linear", "compare", "probe"],
-    # ImageFolder trees: pretraining, k-NN train and the probe's images (train); held-out
-    # reconstruction and k-NN val (val). None: the pretraining config's own data (the demo's).
-    "data": {"train_path": None, "val_path": None},
-    "linear": {"seed": 0},
-    "compare": {"pretrain_config": "pretrain/rcmae_vit_base",
-                "pretrain_overrides": ["optim.epochs=100", "optim.warmup_epochs=10", "checkpoint.every_epochs=10",
-                                       "checkpoint.keep=0", "knn.every_epochs=10"],
-                "variants": ["mae", "rcmae_same", "rcmae_different"], "seeds": [0, 1, 2],
-                "probe_every_steps": 500, "heldout_images": 256, "heldout_seed": 1234,
-                "launcher": []},  # e.g. [torchrun, --nproc-per-node=8]; [] runs `python -m rcmae.tools.pretrain`
-    "probe": {"checkpoint": None, "data_path": None, "batch_size": 32, "trials": 8, "crop_min_scale": 0.2,
-              "lr": 1.0e-3, "momentum": 0.99, "seed": 0},
-    "train": {"output_dir": "output/analyze_teacher", "device": "auto", "precision": "fp32"},
 }

@@ -89,6 +89,11 @@ class MaskedAutoencoderViT(nn.Module):
         self.num_patches = num_patches
         self._init_weights()
 
+    def no_weight_decay(self) -> set[str]:
+        """The tokens and position embeddings (timm's convention); the official pretraining decays
+        them all the same (``optim.decay_tokens``, :func:`rcmae.core.optim.pretrain_param_groups`)."""
+        return {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
+
     def _init_weights(self):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))

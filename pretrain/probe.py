@@ -12,16 +12,17 @@ measures, on any RC-MAE:
   update) (the direction the consistency term pushes vs the direction the last step moved: negative
   means it removes part of the previous update), for the whole student and per block;
 - :class:`TrainingProbe`: the same every ``analysis.every_steps`` optimizer steps of a pretraining run;
-- :func:`update_experiment`: after one SGD step on a batch B1 from teacher = student, grad L_c on B1
-  again (same masks, new masks), B1 with new augmentations, and unrelated images.
+- the controlled experiment built on these lives with the paper's analysis
+  (:func:`rcmae.analysis.mean_teacher.update_experiment`).
 """
 from __future__ import annotations
 
-import copy
 import re
 
 import torch
 
+from rcmae.core.engine import HookBase
+from rcmae.core.geometry import cosine
 from rcmae.pretrain.rcmae import RCMAE
 
 STATS = ("cos_r_c", "ratio_c_r", "cos_c_update")
@@ -52,12 +53,6 @@ def loss_gradients(model: RCMAE, imgs: torch.Tensor, noise: torch.Tensor, amp_dt
     return grads[0], grads[1]
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """cos(a, b), 0 when either is exactly zero (no direction)."""
-    na, nb = a.norm(), b.norm()
-    return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
-
-
 def _stats(g_r: torch.Tensor, g_c: torch.Tensor, update: torch.Tensor | None) -> dict:
     norm_r = float(g_r.norm())
     out = {"cos_r_c": cosine(g_r, g_c), "ratio_c_r": float(g_c.norm()) / norm_r if norm_r else 0.0}
@@ -80,15 +75,15 @@ def gradient_stats(g_r: dict, g_c: dict, update: dict | None = None) -> dict:
     return out
 
 
-class TrainingProbe:
-    """``analysis.every_steps`` in pretraining: at every N-th optimizer step, before the step, the
-    gradients of L_r and L_c on the step's first micro-batch at the current weights, with the
-    previous optimizer update. The weights are copied only on the step before a probe; with the
-    probe off (N = 0) none of this is built."""
+class TrainingProbe(HookBase):
+    """``analysis.every_steps`` in pretraining, as a hook: at every N-th optimizer step, before the step,
+    the gradients of L_r and L_c on the step's first micro-batch at the current weights, with the
+    previous optimizer update, written to the run's metrics (``probe_*``). The weights are copied only on
+    the step before a probe; with the probe off (N = 0) none of this is built."""
 
     def __init__(self, model: RCMAE, every_steps: int, amp_dtype=None):
         self.model, self.every, self.amp_dtype = model, every_steps, amp_dtype
-        self.before_step: dict | None = None
+        self.weights_before: dict | None = None
         self.last_update: dict | None = None
 
     def due(self, step: int) -> bool:
@@ -102,31 +97,20 @@ class TrainingProbe:
             record = gradient_stats(g_r, g_c, self.last_update)
             self.last_update = None
         if self.due(step + 1):
-            self.before_step = {n: p.detach().clone() for n, p in student_params(self.model).items()}
+            self.weights_before = {n: p.detach().clone() for n, p in student_params(self.model).items()}
         return record
 
+    def before_step(self) -> None:  # the gradients at the weights the step starts from
+        trainer = self.trainer
+        record = self.measure(trainer.step, *trainer.inputs[0])
+        if record:
+            trainer.metrics.write({"step": trainer.step, "epoch": round(trainer.step / trainer.steps_per_epoch, 4),
+                                   **{f"probe_{k}": v for k, v in record.items()}}, trainer.env.is_main)
+
     def after_step(self) -> None:
-        if self.before_step is not None:
+        if self.weights_before is not None:
             params = student_params(self.model)
-            self.last_update = {n: params[n].detach() - w for n, w in self.before_step.items()}
-            self.before_step = None
+            self.last_update = {n: params[n].detach() - w for n, w in self.weights_before.items()}
+            self.weights_before = None
 
 
-def update_experiment(model: RCMAE, cases: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                      first: tuple[torch.Tensor, torch.Tensor], lr: float, momentum: float) -> dict:
-    """From teacher = student: one SGD step (``lr``) on ``first`` = (images, noise), the EMA update
-    (``momentum``), then :func:`gradient_stats` of every case (name -> (images, noise)) against that
-    update. ``model`` is left unchanged (the experiment runs on a copy)."""
-    m = copy.deepcopy(model)
-    if m.teacher is None:
-        raise ValueError("update_experiment needs RC-MAE (a teacher)")
-    m.teacher.load_state_dict(m.student.state_dict())
-    params = student_params(m)
-    before = {n: p.detach().clone() for n, p in params.items()}
-    g_r, _ = loss_gradients(m, *first)  # at teacher = student, L_c and its gradient are zero
-    with torch.no_grad():
-        for n, p in params.items():
-            p -= lr * g_r[n]
-    m.update_teacher(momentum)
-    update = {n: p.detach() - before[n] for n, p in params.items()}
-    return {name: gradient_stats(*loss_gradients(m, imgs, noise), update) for name, (imgs, noise) in cases.items()}

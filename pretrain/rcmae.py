@@ -19,6 +19,7 @@ from rcmae.core.vit import infer_arch
 from rcmae.pretrain.models import MaskedAutoencoderViT, build_mae, masked_mean, random_masking_ids
 
 MOMENTUM_SCHEDULES = ("cosine", "official")
+TEACHER_MASKS = ("same", "different")  # the teacher sees the student's mask, or another one
 METRICS = ("loss", "recon", "consistency")  # what RCMAE.forward reports each step
 
 
@@ -98,8 +99,8 @@ class RCMAE(nn.Module):
     def __init__(self, student: MaskedAutoencoderViT, mask_ratio: float = 0.75, gamma: float = 1.0,
                  teacher_mask: str = "same"):
         super().__init__()
-        if teacher_mask not in ("same", "different"):
-            raise ValueError(f"rcmae.teacher_mask must be 'same' or 'different', got {teacher_mask!r}")
+        if teacher_mask not in TEACHER_MASKS:
+            raise ValueError(f"rcmae.teacher_mask must be one of {TEACHER_MASKS}, got {teacher_mask!r}")
         self.student = student
         self.mask_ratio, self.gamma, self.teacher_mask = mask_ratio, gamma, teacher_mask
         self.teacher = None
@@ -157,37 +158,6 @@ def rcmae_from_checkpoint(ckpt: PretrainCheckpoint) -> RCMAE:
     if ckpt.teacher is not None:
         load_state(model.teacher, ckpt.teacher, f"{ckpt.path} teacher", recompute=FIXED_KEYS)
     return model
-
-
-TOKEN_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed")
-
-
-def param_groups(model: nn.Module, weight_decay: float, decay_tokens: bool = True):
-    """AdamW groups of the official MAE / RC-MAE (timm 0.3.2 ``add_weight_decay``): no decay on
-    biases and 1-d tensors (norms); the tokens are decayed. ``decay_tokens=False`` also exempts
-    tokens and position embeddings (ours are fixed sin-cos, so only ``cls_token`` and ``mask_token``
-    change).
-
-    Returns the groups and the parameter names in the optimizer's order (saved in checkpoints;
-    with ``decay_tokens`` it is the official optimizer's order).
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or (
-            not decay_tokens and name.split(".")[-1] in TOKEN_NAMES)
-        (no_decay if skip else decay).append((name, p))
-    groups = [{"params": [p for _, p in no_decay], "weight_decay": 0.0},
-              {"params": [p for _, p in decay], "weight_decay": weight_decay}]
-    return groups, [n for n, _ in no_decay] + [n for n, _ in decay]
-
-
-def build_optimizer(student: nn.Module, weight_decay: float, betas, device_type: str,
-                    decay_tokens: bool = True):
-    groups, names = param_groups(student, weight_decay, decay_tokens)
-    fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(betas), **fast), names
 
 
 def mask_noise(seed: int, step: int, global_batch: int, num_patches: int, device: torch.device,

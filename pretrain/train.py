@@ -8,43 +8,29 @@ import torch
 from torch.utils.data import default_collate
 
 from rcmae.core import checkpoint as ckpt
-from rcmae.core.data import (
-    SeededImages,
-    SyntheticImages,
-    check_folder_pair,
-    image_folder_classes,
-    labelled_eval_sets,
-    list_images,
-    shared_image_list,
-    train_batches,
-)
-from rcmae.core.demo_data import build_demo_folder
+from rcmae.core.data.datasets import labelled_eval_sets, pretrain_dataset
+from rcmae.core.data.folder import image_folder_classes
+from rcmae.core.data.pipelines import PIPELINES, collate_for, model_input
+from rcmae.core.data.readers import check_folder_pair
+from rcmae.core.data.shards import is_shard_dir
 from rcmae.core.distributed import barrier
-from rcmae.core.engine import FinallyHook, PeriodicHook, TrainLoop, TrainStep, training_forward
+from rcmae.core.engine import PeriodicHook
 from rcmae.core.errors import ConfigError
-from rcmae.core.knn import knn_evaluate
-from rcmae.core.run import (
-    AMP_DTYPES,
-    MetricLogger,
-    accumulation_steps,
-    check_loggers,
-    progress,
-    start_run,
-)
-from rcmae.core.shards import is_shard_dir, load_index
+from rcmae.core.knn import check_knn, knn_evaluate
+from rcmae.core.optim import build_pretrain_optimizer, pretrain_param_groups
+from rcmae.core.run import accumulation_steps, check_loggers, start_run
+from rcmae.core.trainer import DefaultTrainer
 from rcmae.core.vit import build_classifier, check_arch, is_encoder_key
-from rcmae.pretrain.data import PIPELINES, collate_for, model_input, pretrain_transform
 from rcmae.pretrain.models import build_mae
 from rcmae.pretrain.probe import TrainingProbe
 from rcmae.pretrain.rcmae import (
     METRICS,
     MOMENTUM_SCHEDULES,
     RCMAE,
+    TEACHER_MASKS,
     StepSchedules,
-    build_optimizer,
     mask_noise,
     official_micro_batches,
-    param_groups,
 )
 from rcmae.pretrain.visualize import save_reconstruction
 
@@ -76,13 +62,14 @@ def validate(cfg: dict, world: int) -> int:
     elif d["path"]:
         raise ConfigError(f"data.source={d['source']} makes its own images and would ignore data.path={d['path']}: "
                           "drop --demo / data.source (the default is folder) to train on that folder")
-    if t["precision"] not in ("auto", *AMP_DTYPES):
-        raise ConfigError(f"train.precision must be auto, bf16, fp16 or fp32, got {t['precision']!r}")
     knn = cfg["knn"]
     if knn["every_epochs"]:
         check_folder_pair(knn, "knn")
+        check_knn(knn, "knn")
     ckpt.check_checkpoint_option("train.init", t["init"])
     ckpt.check_checkpoint_option("train.resume", t["resume"])
+    if cfg["rcmae"]["teacher_mask"] not in TEACHER_MASKS:
+        raise ConfigError(f"rcmae.teacher_mask must be one of {TEACHER_MASKS}, got {cfg['rcmae']['teacher_mask']!r}")
     if cfg["rcmae"]["momentum_schedule"] not in MOMENTUM_SCHEDULES:
         raise ConfigError(f"rcmae.momentum_schedule must be one of {MOMENTUM_SCHEDULES}, "
                           f"got {cfg['rcmae']['momentum_schedule']!r}")
@@ -95,42 +82,6 @@ def validate(cfg: dict, world: int) -> int:
     if cfg["export"]["which"] == "teacher" and cfg["rcmae"]["gamma"] == 0:
         raise ConfigError("rcmae.gamma=0 trains no teacher: set export.which=student")
     return accumulation_steps(o["batch_size"], t["micro_batch"], world)
-
-
-def build_dataset(cfg: dict, out_dir: Path, is_main: bool):
-    d, size = cfg["data"], cfg["model"]["img_size"]
-    if d["source"] == "synthetic":
-        return SyntheticImages(d["synthetic_size"], size)
-    if d["source"] == "shards":
-        sources = load_index(d["path"])[0]
-    elif d["source"] == "demo":
-        if is_main:
-            build_demo_folder(out_dir / "demo_data")
-        barrier()
-        sources = list_images(out_dir / "demo_data")
-    else:
-        sources = shared_image_list(d["path"], out_dir, is_main)
-    return SeededImages(sources, pretrain_transform(size, d["crop_min_scale"], d["pipeline"]))
-
-
-def restore(cfg: dict, model: RCMAE, checkpointer: ckpt.Checkpointer, out_dir: Path) -> int:
-    """Resume (auto / a file) or initialise from a checkpoint; returns the first step to run."""
-    path = ckpt.resume_path(cfg["train"]["resume"], out_dir)
-    if path is not None:
-        c = ckpt.read_checkpoint(path)
-        log.info("resuming from %s (%s checkpoint)", path, c.source)
-        load_models(model, c, str(path))
-        if c.source == "ours":
-            return checkpointer.restore(c.raw, path)
-        # official MAE / RC-MAE: the optimizer in the official parameter order, the step from the epoch
-        checkpointer.restore_optimizer(c.raw, param_groups(model.student, 0.0, decay_tokens=True)[1])
-        log.info("continuing after the official checkpoint's epoch %d", c.raw["epoch"])
-        return (int(c.raw["epoch"]) + 1) * checkpointer.steps_per_epoch
-    if cfg["train"]["init"]:
-        c = ckpt.read_checkpoint(cfg["train"]["init"])
-        log.info("initialising from %s (%s checkpoint)", cfg["train"]["init"], c.source)
-        load_models(model, c, "train.init", may_miss=lambda key: True)
-    return 0
 
 
 def load_models(model: RCMAE, c: ckpt.PretrainCheckpoint, what: str, **strict) -> None:
@@ -159,150 +110,170 @@ def knn_monitor(model: RCMAE, sets, cfg: dict, run) -> dict:
                         run.env.world_size, run.env.rank, cfg["data"]["num_workers"])
 
 
-def main(cfg: dict) -> dict:
-    """Train; returns a summary (output paths, last metrics). Safe to call again after a requeue."""
-    t = cfg["train"]
-    run = start_run(cfg, validate)  # checked before the output directory is touched
-    env, device, out_dir, precision, amp_dtype = (run.env, run.device, run.out_dir, run.precision,
-                                                  run.amp_dtype)
-    device_type = device.type
-    accum = accumulation_steps(cfg["optim"]["batch_size"], t["micro_batch"], env.world_size)
-    if cfg["data"]["pipeline"] == "gpu" and device_type != "cuda":
-        log.warning("data.pipeline=gpu decodes with nvJPEG and needs CUDA; on %s this run uses the fast CPU "
-                    "pipeline instead (the same crops and flips for the same seed)", device_type)
-        cfg["data"]["pipeline"] = "fast"
+class PretrainTrainer(DefaultTrainer):
+    """RC-MAE / MAE pretraining on the frame of :class:`~rcmae.core.trainer.DefaultTrainer`: the student
+    (and its EMA teacher) on the ``data.pipeline`` stream, one shared mask per step, the teacher moved by
+    the ``rcmae.momentum_schedule``; hooks: the gradient probe, metrics, checkpoint, k-NN monitor,
+    reconstruction figure."""
 
-    m, o = cfg["model"], cfg["optim"]
-    torch.manual_seed(t["seed"])  # identical initial weights on every rank
-    student = build_mae(m["arch"], m["img_size"], m["decoder_dim"], m["decoder_depth"],
-                        m["decoder_heads"], m["norm_pix_loss"])
-    model = RCMAE(student, m["mask_ratio"], cfg["rcmae"]["gamma"], cfg["rcmae"]["teacher_mask"]).to(device)
-    optimizer, param_names = build_optimizer(model.student, o["weight_decay"], o["betas"], device_type,
-                                             o["decay_tokens"])
-    scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+    metric_keys = METRICS
+    metrics_prefix = "pretrain"
 
-    dataset = build_dataset(cfg, out_dir, env.is_main)
-    knn_sets = knn_datasets(cfg, out_dir, env.is_main)
-    global_batch = o["batch_size"]
-    steps_per_epoch = len(dataset) // global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(dataset)} images cannot fill one batch of optim.batch_size={global_batch}")
-    total_steps = o["epochs"] * steps_per_epoch
-    peak_lr = o["lr"] if o["lr"] is not None else o["base_lr"] * global_batch / 256
-    kind = cfg["rcmae"]["momentum_schedule"]
-    schedules = StepSchedules(kind, steps_per_epoch, o["epochs"], accum, o["warmup_epochs"], peak_lr, o["min_lr"],
-                              cfg["rcmae"]["momentum"],
-                              official_micro_batches(len(dataset), env.world_size, t["micro_batch"])
-                              if kind == "official" else None)
-    ck = cfg["checkpoint"]
-    checkpointer = ckpt.Checkpointer(out_dir, ck["keep"], optimizer, param_names, scaler, cfg, steps_per_epoch,
-                                     env.rank)
-    start_step = restore(cfg, model, checkpointer, out_dir)
-    stop_step = min(total_steps, t["stop_at_step"] or total_steps)
+    def build_train_set(self):
+        d = self.cfg["data"]
+        if d["pipeline"] == "gpu" and self.device.type != "cuda":
+            log.warning("data.pipeline=gpu decodes with nvJPEG and needs CUDA; on %s this run uses the fast CPU "
+                        "pipeline instead (the same crops and flips for the same seed)", self.device.type)
+            d["pipeline"] = "fast"
+        self.knn_sets = knn_datasets(self.cfg, self.run.out_dir, self.env.is_main)
+        return pretrain_dataset(d, self.cfg["model"]["img_size"], self.run.out_dir, self.env.is_main)
 
-    every = cfg["analysis"]["every_steps"]
-    probe = TrainingProbe(model, every, amp_dtype) if every and env.is_main else None
-    forward = training_forward(model, env.world_size, device, t["compile"])
-    step_fn = TrainStep(model, forward, optimizer, amp_dtype, device, o["clip_grad"], scaler,
-                        on_update=model.update_teacher, metric_keys=METRICS)
+    def build_model(self) -> RCMAE:
+        m, r = self.cfg["model"], self.cfg["rcmae"]
+        student = build_mae(m["arch"], m["img_size"], m["decoder_dim"], m["decoder_depth"], m["decoder_heads"],
+                            m["norm_pix_loss"])
+        return RCMAE(student, m["mask_ratio"], r["gamma"], r["teacher_mask"]).to(self.device)
 
-    collate = collate_for(cfg["data"]["pipeline"]) or default_collate
-    pin = device_type == "cuda" and collate is default_collate  # the GPU pipeline's bytes need no pinned copy
-    batches = train_batches(dataset, t["micro_batch"], accum, env.world_size, env.rank, t["seed"],
-                            start_step, cfg["data"]["num_workers"], pin, collate)
-    n_recon = min(cfg["log"]["recon_images"], len(dataset))  # spread over the (sorted) folders
-    recon_batch = model_input(collate([dataset[(i * len(dataset) // n_recon, i)] for i in range(n_recon)])[0],
-                              device, m["img_size"])
-    recon_noise = mask_noise(t["seed"] + 1, 0, len(recon_batch), model.student.num_patches, device,
-                             model.teacher_mask == "different")
-    log.info("model %s (%.1fM student params), teacher: %s, %d process(es), micro-batch %d x accum %d "
-             "= batch %d, %d steps/epoch, %d steps in all, peak lr %.3g, precision %s, device %s",
-             m["arch"], sum(p.numel() for p in model.student.parameters()) / 1e6,
-             f"EMA ({cfg['rcmae']['momentum_schedule']} schedule)" if model.teacher is not None else "none (MAE)",
-             env.world_size, t["micro_batch"],
-             accum, global_batch, steps_per_epoch, total_steps, peak_lr, precision, device)
-    if schedules.leftover:
-        log.info("official schedule: %d micro-batches per process and epoch as in the official loop; the %d left "
-                 "after an epoch's last optimizer step update the teacher only (their gradient is discarded there)",
-                 schedules.micro_per_epoch, schedules.leftover)
+    def build_optimizer(self):
+        o = self.cfg["optim"]
+        return build_pretrain_optimizer(self.model.student, o["weight_decay"], o["betas"], self.device.type,
+                                        o["decay_tokens"])
 
-    metrics = MetricLogger(device, out_dir if env.is_main else None, cfg,
-                           bool(o["clip_grad"]), keys=METRICS, prefix="pretrain")
-    bar = progress(total=total_steps, initial=start_step, disable=not env.is_main, unit="step")
-    current = {"record": {}}
+    def build_schedule(self) -> StepSchedules:
+        o, kind = self.cfg["optim"], self.cfg["rcmae"]["momentum_schedule"]
+        official = (official_micro_batches(len(self.train_set), self.env.world_size, self.cfg["train"]["micro_batch"])
+                    if kind == "official" else None)
+        return StepSchedules(kind, self.steps_per_epoch, o["epochs"], self.accum, o["warmup_epochs"], self.peak_lr,
+                             o["min_lr"], self.cfg["rcmae"]["momentum"], official)
 
-    def train_step(step: int) -> None:
-        lr, momenta = schedules.lr(step), schedules.momenta(step)
-        noise = mask_noise(t["seed"], step, global_batch, model.student.num_patches, device,
-                           model.teacher_mask == "different")
-        micro, skipped = [], 0
-        for k in range(accum):
-            imgs, _, n_skipped = next(batches)
-            first = (k * env.world_size + env.rank) * t["micro_batch"]
-            micro.append((model_input(imgs, device, m["img_size"]), noise[..., first:first + t["micro_batch"], :]))
-            skipped += int(n_skipped.sum())  # a CPU tensor: no device sync
-        if probe:  # before the step: the gradients at the weights the step starts from
-            record = probe.measure(step, *micro[0])
-            if record:
-                metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4),
-                               **{f"probe_{k}": v for k, v in record.items()}}, env.is_main)
-        sums = step_fn(micro, lr, momenta)
-        for momentum in schedules.leftover_momenta(step):  # official: the epoch's leftover micro-batches
-            model.update_teacher(momentum)
-        if probe:
-            probe.after_step()
-        metrics.add(step, sums, accum, skipped, accum * t["micro_batch"], batches.take_wait())
-        bar.update(1)
-        current.update(lr=lr, momentum=momenta[-1])
+    def restore(self) -> int:
+        """Resume (auto / a file) or initialise from a checkpoint; returns the first step to run."""
+        path, model, init = self.resume_path, self.model, self.cfg["train"]["init"]
+        if path is not None:
+            c = ckpt.read_checkpoint(path)
+            log.info("resuming from %s (%s checkpoint)", path, c.source)
+            load_models(model, c, str(path))
+            if c.source == "ours":
+                return self.checkpointer.restore(c.raw, path)
+            # official MAE / RC-MAE: the optimizer in the official parameter order, the step from the epoch
+            self.checkpointer.restore_optimizer(c.raw, pretrain_param_groups(model.student, 0.0, decay_tokens=True)[1])
+            log.info("continuing after the official checkpoint's epoch %d", c.raw["epoch"])
+            return (int(c.raw["epoch"]) + 1) * self.steps_per_epoch
+        if init:
+            c = ckpt.read_checkpoint(init)
+            log.info("initialising from %s (%s checkpoint)", init, c.source)
+            load_models(model, c, "train.init", may_miss=lambda key: True)
+        return 0
 
-    def checkpoint_due(loop) -> bool:
-        return (loop.interrupted is not None or loop.step == loop.stop or loop.every_steps(ck["every_steps"])
-                or loop.every_epochs(ck["every_epochs"]))
+    def model_update(self):
+        return self.model.update_teacher
 
-    def log_metrics(loop) -> None:  # before a checkpoint: a non-finite loss stops the run unsaved
-        record = metrics.flush(loop.step, loop.step / steps_per_epoch, env.is_main, lr=current["lr"],
-                               momentum=current["momentum"])
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{current['lr']:.2e}",
-                        img_s=f"{record['img_per_s']:.0f}", data=f"{record['data_wait_frac']:.0%}")
-        log.info("step %d/%d %s", loop.step, total_steps,
+    def build_collate(self):
+        return collate_for(self.cfg["data"]["pipeline"])
+
+    def build_hooks(self):
+        cfg, main = self.cfg, self.env.is_main
+        every_probe, every_recon = cfg["analysis"]["every_steps"], cfg["log"]["recon_every_epochs"]
+        log_hook, checkpoint_hook, close_hook = self.standard_hooks()
+        return [TrainingProbe(self.model, every_probe, self.run.amp_dtype) if every_probe and main else None,
+                log_hook, checkpoint_hook,
+                PeriodicHook(self.at_epoch_end(cfg["knn"]["every_epochs"]), PretrainTrainer.knn)
+                if self.knn_sets else None,
+                PeriodicHook(self.at_epoch_end(every_recon), PretrainTrainer.reconstruction)
+                if main and every_recon else None,
+                close_hook]
+
+    def at_epoch_end(self, every: int):
+        """Due every ``every`` epochs and at the end of the run."""
+        return lambda trainer: trainer.epoch_end and (trainer.every_epochs(every) or trainer.step == self.total_steps)
+
+    def next_inputs(self) -> list[tuple]:
+        t, size, model = self.cfg["train"], self.cfg["model"]["img_size"], self.model
+        noise = mask_noise(t["seed"], self.step, self.cfg["optim"]["batch_size"], model.student.num_patches,
+                           self.device, model.teacher_mask == "different")
+        micro = []
+        for k in range(self.accum):
+            imgs, _, n_skipped = next(self.batches)
+            first = (k * self.env.world_size + self.env.rank) * t["micro_batch"]
+            micro.append((model_input(imgs, self.device, size), noise[..., first:first + t["micro_batch"], :]))
+            self.skipped += int(n_skipped.sum())  # a CPU tensor: no device sync
+        return micro
+
+    def run_step(self) -> None:
+        lr, momenta = self.schedule.lr(self.step), self.schedule.momenta(self.step)
+        sums = self.train_step(self.inputs, lr, momenta)
+        for momentum in self.schedule.leftover_momenta(self.step):  # official: the epoch's leftover micro-batches
+            self.model.update_teacher(momentum)
+        self.add_metrics(sums)
+        self.storage.put(lr=lr, momentum=momenta[-1])
+
+    def logged_scalars(self) -> tuple[str, ...]:
+        return ("lr", "momentum")
+
+    def bar_postfix(self, record: dict) -> dict:
+        return {**super().bar_postfix(record), "img_s": f"{record['img_per_s']:.0f}"}
+
+    def log_metrics(self) -> dict:
+        record = super().log_metrics()
+        log.info("step %d/%d %s", self.step, self.total_steps,
                  " ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("step", "time")))
-        current["record"] = record
+        return record
 
-    def save(loop) -> None:
-        checkpointer.save(loop.step, format=ckpt.FORMAT, arch=m["arch"], student=model.student.state_dict(),
-                          teacher=model.teacher.state_dict() if model.teacher is not None else None)
+    def save(self) -> None:
+        model = self.model
+        self.checkpointer.save(self.step, format=ckpt.FORMAT, arch=self.cfg["model"]["arch"],
+                               student=model.student.state_dict(),
+                               teacher=model.teacher.state_dict() if model.teacher is not None else None)
 
-    def knn(loop) -> None:
-        result = knn_monitor(model, knn_sets, cfg, run)
-        metrics.write({"step": loop.step, "epoch": loop.epoch, **result}, env.is_main)
-        log.info("epoch %d k-NN top-1 %.2f top-5 %.2f", loop.epoch, result["knn_top1"], result["knn_top5"])
+    def knn(self) -> None:
+        result = knn_monitor(self.model, self.knn_sets, self.cfg, self.run)
+        self.metrics.write({"step": self.step, "epoch": self.epoch, **result}, self.env.is_main)
+        log.info("epoch %d k-NN top-1 %.2f top-5 %.2f", self.epoch, result["knn_top1"], result["knn_top5"])
 
-    def reconstruction(loop) -> None:
-        fig = save_reconstruction(model, recon_batch, recon_noise,
-                                  out_dir / f"reconstruction_epoch{loop.epoch:04d}.png",
-                                  f"{m['arch']} epoch {loop.epoch}")
+    def reconstruction(self) -> None:
+        if not hasattr(self, "recon_inputs"):
+            self.recon_inputs = reconstruction_inputs(self)
+        fig = save_reconstruction(self.model, *self.recon_inputs,
+                                  self.run.out_dir / f"reconstruction_epoch{self.epoch:04d}.png",
+                                  f"{self.cfg['model']['arch']} epoch {self.epoch}")
         log.info("reconstruction figure: %s", fig)
 
-    def at_epoch_end(every: int):  # every `every` epochs and at the end of the run
-        return lambda loop: loop.epoch_end and (loop.every_epochs(every) or loop.step == total_steps)
+    def log_start(self) -> None:
+        m, t, o, env = self.cfg["model"], self.cfg["train"], self.cfg["optim"], self.env
+        teacher = (f"EMA ({self.cfg['rcmae']['momentum_schedule']} schedule)" if self.model.teacher is not None
+                   else "none (MAE)")
+        log.info("model %s (%.1fM student params), teacher: %s, %d process(es), micro-batch %d x accum %d "
+                 "= batch %d, %d steps/epoch, %d steps in all, peak lr %.3g, precision %s, device %s",
+                 m["arch"], sum(p.numel() for p in self.model.student.parameters()) / 1e6, teacher,
+                 env.world_size, t["micro_batch"], self.accum, o["batch_size"], self.steps_per_epoch,
+                 self.total_steps, self.peak_lr, self.run.precision, self.device)
+        if self.schedule.leftover:
+            log.info("official schedule: %d micro-batches per process and epoch as in the official loop; the %d "
+                     "left after an epoch's last optimizer step update the teacher only (their gradient is "
+                     "discarded there)", self.schedule.micro_per_epoch, self.schedule.leftover)
 
-    hooks = [PeriodicHook(lambda loop: checkpoint_due(loop) or loop.every_steps(cfg["log"]["every_steps"]),
-                          log_metrics),
-             PeriodicHook(checkpoint_due, save),
-             FinallyHook(lambda loop: (bar.close(), metrics.close()))]
-    if knn_sets:
-        hooks.insert(2, PeriodicHook(at_epoch_end(cfg["knn"]["every_epochs"]), knn))
-    if env.is_main and cfg["log"]["recon_every_epochs"]:
-        hooks.insert(-1, PeriodicHook(at_epoch_end(cfg["log"]["recon_every_epochs"]), reconstruction))
-    step = TrainLoop(train_step, start_step, stop_step, steps_per_epoch, hooks).run()
-    record = current["record"]
 
-    summary = {"output_dir": str(out_dir), "step": step, "total_steps": total_steps,
-               "checkpoint": str(ckpt.find_last_checkpoint(out_dir) or ""),
-               "metrics": str(out_dir / "metrics.jsonl"), "last": record}
-    if step >= total_steps and env.is_main:
-        encoder = ckpt.export_encoder(summary["checkpoint"], cfg["export"]["which"],
-                                      out_dir / f"encoder_{cfg['export']['which']}.pth")
+def reconstruction_inputs(trainer: PretrainTrainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images of the reconstruction figures (spread over the sorted folders) and their fixed masks."""
+    dataset, model, seed = trainer.train_set, trainer.model, trainer.cfg["train"]["seed"]
+    size, collate = trainer.cfg["model"]["img_size"], trainer.collate or default_collate
+    n = min(trainer.cfg["log"]["recon_images"], len(dataset))
+    images = model_input(collate([dataset[(i * len(dataset) // n, i)] for i in range(n)])[0], trainer.device, size)
+    noise = mask_noise(seed + 1, 0, n, model.student.num_patches, trainer.device, model.teacher_mask == "different")
+    return images, noise
+
+
+def main(cfg: dict) -> dict:
+    """Train; returns a summary (output paths, last metrics). Safe to call again after a requeue."""
+    run = start_run(cfg, validate)  # checked before the output directory is touched
+    trainer = PretrainTrainer(cfg, run)
+    trainer.log_start()
+    summary = trainer.fit()
+    out_dir, step = run.out_dir, summary["step"]
+    summary.update(total_steps=trainer.total_steps, last=trainer.storage.get("record", {}))
+    if step >= trainer.total_steps and run.env.is_main:
+        which = cfg["export"]["which"]
+        encoder = ckpt.export_encoder(summary["checkpoint"], which, out_dir / f"encoder_{which}.pth")
         summary.update(encoder=str(encoder), timm_folder=str(encoder.with_suffix("")))
     figs = sorted(out_dir.glob("reconstruction_epoch*.png"))
     summary["reconstruction"] = str(figs[-1]) if figs else ""

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from rcmae.core.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from rcmae.pretrain.models import patchify, unpatchify  # noqa: E402
-from rcmae.pretrain.rcmae import RCMAE  # noqa: E402
+from rcmae.core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from rcmae.core.plotting import plt, save_figure
+from rcmae.pretrain.models import patchify, unpatchify
+from rcmae.pretrain.rcmae import RCMAE
 
 
 def _to_pixels(pred: torch.Tensor, imgs: torch.Tensor, model: RCMAE) -> torch.Tensor:
@@ -53,10 +50,3 @@ def save_reconstruction(model: RCMAE, imgs: torch.Tensor, noise: torch.Tensor, p
         fig.suptitle(title)
     return save_figure(fig, path, dpi=80)
 
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write and close a figure (every figure here is written, none is shown)."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return Path(path)

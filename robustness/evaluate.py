@@ -13,17 +13,20 @@ import csv
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 from rcmae.core.checkpoint import check_checkpoint_option
 from rcmae.core.config import load_config
+from rcmae.core.data.demo import build_demo_benchmarks
+from rcmae.core.data.sampler import shard_loader
 from rcmae.core.distributed import all_gather_objects, barrier
 from rcmae.core.errors import CheckpointError, ConfigError
-from rcmae.core.evaluate import evaluate, shard_loader
+from rcmae.core.evaluate import evaluate
 from rcmae.core.preemption import Interrupted, stop_requested
 from rcmae.core.run import setup_logging, start_run
+from rcmae.core.vit import ARCHS
 from rcmae.robustness.data import (
-    build_demo_benchmarks,
     check_wnid_folder,
     class_mask,
     eval_set,
@@ -31,6 +34,7 @@ from rcmae.robustness.data import (
     stored_transform,
 )
 from rcmae.robustness.defaults import DATASETS
+from rcmae.robustness.imagenet_c import make_imagenet_c
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES, corruption_errors
 from rcmae.robustness.models import PREPROCESSING, Classifier, check_model_name, load_classifier
 
@@ -43,10 +47,19 @@ DEMO_FINETUNE = "finetune/demo.yaml"  # a shipped config
 
 
 def validate(cfg: dict, world: int = 1) -> None:
-    """Every path and folder layout, before the first image is read (and before a SLURM submission)."""
+    """Every setting, path and folder layout, before the first image is read or the demo's are made (and
+    before a SLURM submission)."""
     d, m = cfg["data"], cfg["model"]
+    if cfg["train"]["resume"] not in ("auto", "none"):
+        raise ConfigError(f"train.resume must be auto (skip the cells {RESULTS} holds) or none, "
+                          f"got {cfg['train']['resume']!r}")
+    if m["preprocessing"] not in PREPROCESSING:
+        raise ConfigError(f"model.preprocessing must be one of {PREPROCESSING}, got {m['preprocessing']!r}")
+    check_checkpoint_option("model.checkpoint", m["checkpoint"])
+    if m["arch"] is not None:
+        check_model_name(m["arch"])
     given = [k for k in DATASETS if d[k]]
-    if d["source"] == "demo":
+    if d["source"] == "demo":  # without a checkpoint, the demo fine-tunes its own classifier
         if given:
             raise ConfigError(f"the demo builds its own benchmark trees and would ignore {given}: drop --demo "
                               "(data.source=demo) to evaluate those folders")
@@ -56,14 +69,9 @@ def validate(cfg: dict, world: int = 1) -> None:
     if not given:
         raise ConfigError("no benchmark folder given: pass any of --imagenet-val, --imagenet-c, --imagenet-a, "
                           "--imagenet-r, --imagenet-sketch (or run the demo: no arguments, or --demo)")
-    if cfg["train"]["resume"] not in ("auto", "none"):
-        raise ConfigError(f"train.resume must be auto (skip the cells {RESULTS} holds) or none, "
-                          f"got {cfg['train']['resume']!r}")
-    if m["preprocessing"] not in PREPROCESSING:
-        raise ConfigError(f"model.preprocessing must be one of {PREPROCESSING}, got {m['preprocessing']!r}")
-    check_checkpoint_option("model.checkpoint", m["checkpoint"])
-    if m["arch"] is not None:
-        check_model_name(m["arch"])
+    if m["checkpoint"] is None and (m["arch"] is None or m["arch"] in ARCHS):
+        raise ConfigError("model.checkpoint (--checkpoint) is required, or a timm model name as "
+                          "model.arch (--model) for timm's pretrained weights")
     for key in ("imagenet_val", "imagenet_sketch"):
         if d[key]:
             check_wnid_folder(d[key], f"data.{key}")
@@ -81,10 +89,11 @@ def demo_inputs(cfg: dict, run) -> dict:
     from rcmae.finetune.train import main as finetune
 
     root = run.out_dir / "demo_data"
+    corrupt = partial(make_imagenet_c, workers=max(1, cfg["data"]["num_workers"]))
     if run.env.is_main:
-        build_demo_benchmarks(root, workers=max(1, cfg["data"]["num_workers"]))
+        build_demo_benchmarks(root, corrupt)
     barrier()
-    sets = build_demo_benchmarks(root)
+    sets = build_demo_benchmarks(root, corrupt)  # built: the other processes read where it lies
     cfg["data"].update({k: str(sets["val" if k == "imagenet_val" else k]) for k in DATASETS})
     if cfg["model"]["checkpoint"] is None:
         ft_cfg = load_config(FT_DEFAULTS, DEMO_FINETUNE, [f"train.output_dir={run.out_dir / 'demo_classifier'}",

@@ -62,9 +62,9 @@ import numpy as np
 from PIL import Image
 from torchvision import transforms
 
-from rcmae.core.data import labelled_images
+from rcmae.core.data.readers import labelled_images
 from rcmae.core.errors import UNREADABLE
-from rcmae.core.run import progress
+from rcmae.core.progress import progress
 from rcmae.robustness.metrics import BENCHMARK, EXTRA, SEVERITIES
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from rcmae.core.checkpoint import load_state, read_checkpoint
-from rcmae.core.data import mae_eval_config
+from rcmae.core.data.transforms import mae_eval_config
 from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.vit import ARCHS, build_classifier, infer_arch
 

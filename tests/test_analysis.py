@@ -7,12 +7,12 @@ import pytest
 import torch
 from test_readme_commands import TINY_PRETRAIN, run
 
+from rcmae.analysis.compare import read_metrics
+from rcmae.analysis.defaults import DEFAULTS as ANALYSIS_DEFAULTS
+from rcmae.analysis.mean_teacher import validate
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 from rcmae.core.config import load_config
 from rcmae.core.errors import ConfigError
-from rcmae.pretrain.analysis import validate
-from rcmae.pretrain.compare import read_metrics
-from rcmae.pretrain.defaults import ANALYSIS_DEFAULTS
 
 
 def lines(path):

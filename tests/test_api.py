@@ -5,7 +5,7 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import ROOT
+from fixtures import ROOT
 from PIL import Image
 
 import rcmae

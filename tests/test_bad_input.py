@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from fixtures import ROOT
 from PIL import Image
 from test_readme_commands import TINY_DOWNSTREAM, TINY_PRETRAIN
 
 from rcmae.core import checkpoint as ck
 from rcmae.core.config import load_config
-from rcmae.core.data import SeededImages, check_folder_pair, eval_transform
+from rcmae.core.data.datasets import SeededImages
+from rcmae.core.data.readers import check_folder_pair
+from rcmae.core.data.transforms import eval_transform
 from rcmae.core.errors import ConfigError, DataError, OutputDirInUseError
 from rcmae.core.vit import build_classifier
 from rcmae.finetune import knn_tool

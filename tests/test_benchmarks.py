@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT
+from fixtures import ROOT
 from test_readme_commands import run
 from torch.utils.data import DataLoader
 
@@ -33,8 +33,9 @@ class CountingImages(torch.utils.data.Dataset):
 
 def test_images_are_counted_in_every_pipelines_batch_structure(data_throughput, imagenet):
     """torchvision's ImageFolder yields [images, labels]; ours a tensor of images: 3 images either way."""
-    from rcmae.core.data import SeededImages, list_images
-    from rcmae.pretrain.data import pretrain_transform
+    from rcmae.core.data.datasets import SeededImages
+    from rcmae.core.data.folder import list_images
+    from rcmae.core.data.pipelines import pretrain_transform
 
     root = imagenet / "train"
     fast = data_throughput.Seeded(SeededImages(list_images(root), pretrain_transform(224, 0.2, "fast")))

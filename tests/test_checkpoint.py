@@ -7,8 +7,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from rcmae.core import checkpoint as ck
+from rcmae.core.optim import build_pretrain_optimizer
 from rcmae.pretrain.models import build_mae, random_masking_ids
-from rcmae.pretrain.rcmae import build_optimizer
 
 
 def micro():
@@ -100,8 +100,8 @@ def test_official_optimizer_state_is_remapped_by_name():
     official_sd["state"] = {i: {"step": torch.tensor(7.0), "exp_avg": torch.full_like(params[n], i),
                                 "exp_avg_sq": torch.ones_like(params[n])}
                             for i, n in enumerate(names)}
-    assert build_optimizer(model, 0.05, (0.9, 0.95), "cpu")[1] == names  # default: official groups
-    ours, our_names = build_optimizer(model, 0.05, (0.9, 0.95), "cpu", decay_tokens=False)
+    assert build_pretrain_optimizer(model, 0.05, (0.9, 0.95), "cpu")[1] == names  # default: official groups
+    ours, our_names = build_pretrain_optimizer(model, 0.05, (0.9, 0.95), "cpu", decay_tokens=False)
     assert our_names != names  # cls/mask tokens change group: the order differs
     remapped = ck.remap_optimizer_state(official_sd, names, our_names, ours.state_dict())
     ours.load_state_dict(remapped)

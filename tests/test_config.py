@@ -75,7 +75,7 @@ def test_model_size_checks(imagenet):
 
 
 def test_dataset_root_instead_of_train_split_is_refused(tmp_path):
-    from rcmae.core.data import list_images
+    from rcmae.core.data.folder import list_images
 
     for split in ("train", "val"):
         (tmp_path / split / "n01440764").mkdir(parents=True)

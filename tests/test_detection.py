@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
-from conftest import ROOT  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
+from fixtures import ROOT  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 from timm.layers import resample_patch_embed  # noqa: E402
 

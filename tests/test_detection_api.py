@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
-from conftest import ROOT  # noqa: E402
+from fixtures import ROOT  # noqa: E402
 
 SOURCES = sorted([*ROOT.glob("detection/*.py"), ROOT / "tools" / "train_det.py",
                   *ROOT.glob("configs/detection/**/*.py")])

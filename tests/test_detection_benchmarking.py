@@ -9,20 +9,20 @@ from PIL import Image
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
-from conftest import ROOT  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.modeling.backbone.vit import ViT, get_abs_pos  # noqa: E402
 from detectron2.modeling.postprocessing import detector_postprocess  # noqa: E402
 from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
+from fixtures import ROOT  # noqa: E402
 from test_detection import mini_checkpoint  # noqa: E402
 
 from rcmae.core import checkpoint as ck  # noqa: E402
+from rcmae.core.vit import sincos_pos_embed  # noqa: E402
 from rcmae.detection.checkpoint import load_vit_backbone  # noqa: E402
 from rcmae.detection.mimdet import PrePaddedRCNN, rescale_from_padded  # noqa: E402
 from rcmae.detection.multidepth_vit import MultiDepthViT  # noqa: E402
-from rcmae.core.vit import sincos_pos_embed  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "detection"
 

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
-from conftest import ROOT  # noqa: E402
+from fixtures import ROOT  # noqa: E402
 from test_detection import mini_checkpoint  # noqa: E402
 
 from rcmae.tools import train_det  # noqa: E402

@@ -8,7 +8,6 @@ import torch
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
-from conftest import ROOT  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate  # noqa: E402
@@ -20,6 +19,7 @@ from detectron2.modeling.roi_heads import (  # noqa: E402
     FastRCNNOutputLayers,
     StandardROIHeads,
 )
+from fixtures import ROOT  # noqa: E402
 from omegaconf import OmegaConf, SCMode  # noqa: E402
 
 from rcmae.core import checkpoint as ck  # noqa: E402

@@ -13,10 +13,10 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
-from conftest import ROOT  # noqa: E402
 from detectron2.config import LazyConfig, instantiate  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.structures import Boxes, BoxMode, Instances  # noqa: E402
+from fixtures import ROOT  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 from rcmae.core import checkpoint as ck  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, micro_config
+from fixtures import ROOT, micro_config
 
 from rcmae.core.config import load_config
 from rcmae.finetune import knn_tool

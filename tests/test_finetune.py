@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 
 from rcmae.core import checkpoint as ck
 from rcmae.core.config import load_config
-from rcmae.core.evaluate import evaluate, shard_loader
+from rcmae.core.data.sampler import shard_loader
+from rcmae.core.evaluate import evaluate
 from rcmae.core.knn import gather_in_order, knn_classify
 from rcmae.core.vit import build_classifier
 from rcmae.finetune.defaults import DEFAULTS
@@ -239,7 +240,7 @@ def test_lars_is_maes_rule(wd):
     """Two steps on a 2x2 weight and a bias, against the closed form of MAE's ``util/lars.py``: the
     matrix's update u = g + wd w is scaled by 0.001 |w| / |u| (the norm of the *decayed* update);
     the bias gets neither decay nor scaling; momentum buffer b = m b + u', w -= lr b."""
-    from rcmae.finetune.lars import LARS
+    from rcmae.core.optim import LARS
 
     f64 = torch.float64
     w0 = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=f64)
@@ -269,7 +270,7 @@ def test_lars_without_weight_decay_matches_the_previous_optimizer():
     at wd 0.05 timm's rule (|g| + wd |w| in the denominator) trains another probe."""
     from timm.optim import Lars
 
-    from rcmae.finetune.lars import LARS
+    from rcmae.core.optim import LARS
 
     torch.manual_seed(0)
     grads = [[torch.randn(10, 32), torch.randn(10)] for _ in range(4)]
@@ -291,13 +292,13 @@ def test_lars_without_weight_decay_matches_the_previous_optimizer():
 
 
 def test_linear_probe_builds_maes_lars(tmp_path):
-    from rcmae.finetune.lars import LARS
+    from rcmae.core.optim import LARS
 
     model = build_classifier("vit_micro_patch8", 32, 2, "token")
     linear_probe_head(model)
     cfg = load_config(DEFAULTS, None, ["optim.name=lars", "optim.weight_decay=0.05"])
-    from rcmae.finetune.train import build_optimizer
+    from rcmae.core.optim import build_finetune_optimizer
 
-    optimizer = build_optimizer(model, cfg["optim"], "cpu")
+    optimizer = build_finetune_optimizer(model, cfg["optim"], "cpu")
     assert isinstance(optimizer, LARS) and optimizer.param_groups[0]["weight_decay"] == 0.05
     assert {p.ndim for g in optimizer.param_groups for p in g["params"]} == {1, 2}  # the head's weight and bias

@@ -1,19 +1,18 @@
-"""The GPU decode pipeline (pretrain/gpu_data.py) against the ``fast`` one, on real photos: on the CPU
+"""The GPU decode pipeline (rcmae/core/data/gpu.py) against the ``fast`` one, on real photos: on the CPU
 everywhere, with nvJPEG where CUDA is present."""
 from __future__ import annotations
 
 import pytest
 import skimage.data
 import torch
-from conftest import micro_config
+from fixtures import micro_config
 from PIL import Image
 from test_train import metrics
 from torch.utils.data import DataLoader
 
-import rcmae.pretrain.gpu_data as gpu_data
-from rcmae.core.data import SeededImages, seeded
-from rcmae.pretrain.data import FastRandomResizedCrop, crop_and_flip, dct_scale
-from rcmae.pretrain.gpu_data import (
+import rcmae.core.data.gpu as gpu_data
+from rcmae.core.data.datasets import SeededImages
+from rcmae.core.data.gpu import (
     EncodedRandomResizedCrop,
     EncodedSample,
     collate_encoded,
@@ -21,6 +20,8 @@ from rcmae.pretrain.gpu_data import (
     gpu_decodable_shape,
     jpeg_frame,
 )
+from rcmae.core.data.sampler import seeded
+from rcmae.core.data.transforms import FastRandomResizedCrop, crop_and_flip, dct_scale
 from rcmae.pretrain.train import main as pretrain
 
 CPU = torch.device("cpu")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from fixtures import ROOT
 from PIL import Image
 
 from rcmae.robustness.imagenet_c import (

@@ -1,4 +1,4 @@
-"""The linear-model analysis of the mean teacher (rcmae.pretrain.linear_teacher): autograd against closed forms."""
+"""The linear-model analysis of the mean teacher (rcmae.analysis.linear_teacher): autograd against closed forms."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from rcmae.core.schedules import momentum_at
-from rcmae.pretrain.linear_teacher import (
+from rcmae.analysis.linear_teacher import (
     RHOS,
     closed_form_consistency_grad,
     consistency_terms,
@@ -19,6 +18,7 @@ from rcmae.pretrain.linear_teacher import (
     similarity_stream,
     simulate,
 )
+from rcmae.core.schedules import momentum_at
 
 F64 = torch.float64
 STEPS = 32

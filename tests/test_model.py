@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
+from rcmae.core.optim import pretrain_param_groups
 from rcmae.core.schedules import lr_at, momentum_at
 from rcmae.core.vit import sincos_pos_embed
 from rcmae.pretrain.models import build_mae, masked_mean, patchify, random_masking_ids, unpatchify
-from rcmae.pretrain.rcmae import RCMAE, param_groups
+from rcmae.pretrain.rcmae import RCMAE
 
 
 def micro(**kw):
@@ -114,7 +115,7 @@ def test_teacher_starts_as_copy_and_gets_no_gradients():
     out["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     assert not model.teacher.training
-    groups, names = param_groups(model.student, 0.05)
+    groups, names = pretrain_param_groups(model.student, 0.05)
     assert not any(n.startswith("teacher") for n in names)
 
 
@@ -143,7 +144,7 @@ def test_schedules():
 
 @pytest.mark.parametrize("decay_tokens", [True, False])
 def test_no_weight_decay_on_biases_and_norms(decay_tokens):
-    groups, names = param_groups(micro(), 0.05, decay_tokens)
+    groups, names = pretrain_param_groups(micro(), 0.05, decay_tokens)
     no_decay = set(names[:len(groups[0]["params"])])
     assert {"blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "norm.bias", "decoder_pred.bias"} <= no_decay
     assert "pos_embed" not in names  # fixed: not trained at all

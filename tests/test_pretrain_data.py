@@ -1,12 +1,14 @@
-"""The fast pretraining pipeline (pretrain/data.py) against torchvision's, on real photos."""
+"""The fast pretraining pipeline (rcmae/core/data/transforms.py) against torchvision's, on real photos."""
 import pytest
 import skimage.data
 import torch
 from PIL import Image
 from torchvision import transforms
 
-from rcmae.core.data import IMAGENET_MEAN, IMAGENET_STD, SeededImages, seeded, to_model_input
-from rcmae.pretrain.data import crop_and_flip, dct_scale, pretrain_transform
+from rcmae.core.data.datasets import SeededImages
+from rcmae.core.data.pipelines import pretrain_transform
+from rcmae.core.data.sampler import seeded
+from rcmae.core.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_and_flip, dct_scale, to_model_input
 
 CPU = torch.device("cpu")
 
@@ -102,10 +104,10 @@ def test_folder_and_shards_train_identically_and_resume_exactly(tmp_path, imagen
     ``data.pipeline=gpu`` without CUDA says so and trains exactly as ``fast``."""
     import json
 
-    from conftest import micro_config
+    from fixtures import micro_config
 
     from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
-    from rcmae.core.shards import write_shards
+    from rcmae.core.data.shard_writer import write_shards
     from rcmae.pretrain.train import main
 
     write_shards(imagenet / "train", tmp_path / "shards", shard_bytes=20_000, progress=False)

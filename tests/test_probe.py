@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from rcmae.analysis.mean_teacher import update_experiment
 from rcmae.pretrain.models import build_mae
 from rcmae.pretrain.probe import (
     TrainingProbe,
@@ -11,7 +12,6 @@ from rcmae.pretrain.probe import (
     gradient_stats,
     loss_gradients,
     student_params,
-    update_experiment,
 )
 from rcmae.pretrain.rcmae import RCMAE
 from rcmae.pretrain.train import main
@@ -91,7 +91,8 @@ def test_training_probe_measures_against_the_previous_step():
     change = {n: p.detach() - start[n] for n, p in student_params(model).items()}
     expected = gradient_stats(*loss_gradients(model, imgs, noise), change)["cos_c_update"]
     assert record["cos_c_update"] == pytest.approx(expected)
-    assert probe.last_update is None and probe.before_step is None  # nothing kept until the step before the next probe
+    # nothing kept until the step before the next probe
+    assert probe.last_update is None and probe.weights_before is None
 
 
 def test_probe_in_training_writes_its_records(micro_cfg, tmp_path):

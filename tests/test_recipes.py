@@ -8,21 +8,23 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, micro_config
+from fixtures import ROOT, micro_config
 
+import rcmae.core.trainer as trainer_module
 from rcmae.core.checkpoint import find_last_checkpoint
 from rcmae.core.config import load_config
-from rcmae.core.data import eval_crop_pct, eval_transform
+from rcmae.core.data.transforms import eval_crop_pct, eval_transform
 from rcmae.core.engine import TrainStep
 from rcmae.core.errors import ConfigError
+from rcmae.core.optim import build_finetune_optimizer as build_ft_optimizer
+from rcmae.core.optim import build_pretrain_optimizer
 from rcmae.core.vit import build_classifier
 from rcmae.finetune.defaults import DEFAULTS as FT_DEFAULTS
 from rcmae.finetune.defaults import LINPROBE_DEFAULTS
-from rcmae.finetune.train import build_optimizer as build_ft_optimizer
 from rcmae.pretrain import train as pretrain_train
 from rcmae.pretrain.defaults import DEFAULTS as PT_DEFAULTS
 from rcmae.pretrain.models import build_mae
-from rcmae.pretrain.rcmae import RCMAE, StepSchedules, build_optimizer, official_micro_batches
+from rcmae.pretrain.rcmae import RCMAE, StepSchedules, official_micro_batches
 from rcmae.pretrain.train import validate
 
 RC = "youngwanLEE/rc-mae"
@@ -208,14 +210,14 @@ def test_official_schedule_reproduces_the_official_loop(tmp_path, monkeypatch):
             return super().__call__(micro_batches, lr, update_args)
 
     update_teacher = RCMAE.update_teacher
-    monkeypatch.setattr(pretrain_train, "TrainStep", RecordingStep)
+    monkeypatch.setattr(trainer_module, "TrainStep", RecordingStep)  # the frame builds the step
     monkeypatch.setattr(RCMAE, "update_teacher", lambda model, m: (seen["momenta"].append(m), update_teacher(model, m)))
     assert pretrain_train.main(cfg)["step"] == epochs * 4
     monkeypatch.undo()
 
     torch.manual_seed(cfg["train"]["seed"])  # the run's initial weights
     official = RCMAE(build_mae("vit_micro_patch8", 32, 32, 1, 2), 0.75, 1.0)
-    optimizer, _ = build_optimizer(official.student, 0.05, (0.9, 0.95), "cpu")
+    optimizer, _ = build_pretrain_optimizer(official.student, 0.05, (0.9, 0.95), "cpu")
     table = dino_cosine_table(base, 1, epochs, per_epoch)
     inputs = iter(seen["inputs"])
     leftover = (torch.randn(micro, 3, 32, 32), torch.rand(micro, 16))  # any data: its gradient is discarded
@@ -262,10 +264,10 @@ def test_tokens_are_weight_decayed_as_in_the_official_code():
                 for n in names}
 
     names = ("cls_token", "mask_token", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "norm.weight")
-    official, _ = build_optimizer(student, 0.05, (0.9, 0.95), "cpu")
+    official, _ = build_pretrain_optimizer(student, 0.05, (0.9, 0.95), "cpu")
     assert decay_of(official, names) == {"cls_token": 0.05, "mask_token": 0.05, "blocks.0.attn.qkv.weight": 0.05,
                                          "blocks.0.attn.qkv.bias": 0.0, "norm.weight": 0.0}
-    exempt, _ = build_optimizer(student, 0.05, (0.9, 0.95), "cpu", decay_tokens=False)
+    exempt, _ = build_pretrain_optimizer(student, 0.05, (0.9, 0.95), "cpu", decay_tokens=False)
     assert decay_of(exempt, names)["cls_token"] == decay_of(exempt, names)["mask_token"] == 0.0
 
 

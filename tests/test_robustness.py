@@ -11,7 +11,7 @@ from PIL import Image
 
 from rcmae.core import checkpoint as ck
 from rcmae.core.config import load_config
-from rcmae.core.data import imagenet_wnids
+from rcmae.core.data.wnids import imagenet_wnids
 from rcmae.core.vit import build_classifier
 from rcmae.pretrain.models import build_mae
 from rcmae.robustness.data import class_mask

@@ -10,12 +10,12 @@ import pytest
 import timm
 import timm.data
 import torch
-from conftest import ROOT, make_benchmarks
+from fixtures import ROOT, make_benchmarks
 from PIL import Image
 
 from rcmae.core import checkpoint as ck
 from rcmae.core.config import load_config
-from rcmae.core.data import imagenet_wnids
+from rcmae.core.data.wnids import imagenet_wnids
 from rcmae.core.errors import ConfigError
 from rcmae.core.vit import build_classifier
 from rcmae.robustness.defaults import DEFAULTS

@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcmae.core.shards import (
-    FORMAT,
-    ShardError,
-    ShardMember,
-    is_shard_dir,
-    load_index,
-    read_member,
-    write_shards,
-)
+from rcmae.core.data.shard_writer import write_shards
+from rcmae.core.data.shards import FORMAT, ShardError, ShardMember, is_shard_dir, load_index, read_member
 
 SHARD_BYTES = 4096  # a few ~1 KB images per shard: several shards
 
@@ -245,7 +238,7 @@ def test_tool_help_imports_no_torch():
 def test_interrupted_rewrite_leaves_no_index(folder, shards, monkeypatch):
     """A rewrite drops the old index before touching shards: a crash mid-way leaves no index that points at a
     mix of old and new shards."""
-    import rcmae.core.shards as shards_module
+    import rcmae.core.data.shard_writer as shards_module
 
     calls, member_info = [], shards_module._member_info
 

@@ -23,7 +23,7 @@ import torch
 
 pytest.importorskip("detectron2", reason="run tools/install_detectron2.sh")
 
-from conftest import ROOT, process_tree  # noqa: E402
+from fixtures import ROOT, process_tree  # noqa: E402
 
 DEMO = ROOT / "configs" / "detection" / "demo_tiny.py"
 ITERS = 8

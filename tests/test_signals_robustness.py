@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, make_benchmarks, process_tree
+from fixtures import ROOT, make_benchmarks, process_tree
 
 from rcmae.core import checkpoint as ck
 from rcmae.core.vit import build_classifier

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, micro_config
+from fixtures import ROOT, free_port, micro_config
 
+from rcmae.analysis.linear_teacher import one_thread  # the jobs' thread count (OMP_NUM_THREADS=1)
 from rcmae.core.checkpoint import CLASSIFIER_FORMAT, find_last_checkpoint, read_checkpoint
 from rcmae.core.config import load_config, save_config
 from rcmae.core.vit import build_classifier
 from rcmae.finetune.defaults import DEFAULTS as FINETUNE_DEFAULTS
 from rcmae.finetune.train import main as finetune
-from rcmae.pretrain.linear_teacher import one_thread  # the jobs' thread count (OMP_NUM_THREADS=1)
 from rcmae.pretrain.train import main as pretrain
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import micro_config
+from fixtures import micro_config
 from PIL import Image
 
 from rcmae.core.checkpoint import find_last_checkpoint, list_checkpoints, read_checkpoint

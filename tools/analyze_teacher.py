@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What the mean teacher does to the gradient, measured (the seed paper's analysis; pretrain/analysis.py).
+"""What the mean teacher does to the gradient, measured (the seed paper's analysis; analysis/mean_teacher.py).
 
   python tools/analyze_teacher.py        # the CPU demo: linear model, MAE vs RC-MAE over 3 seeds, probe (minutes)
   python tools/analyze_teacher.py data.train_path=/imagenet/train data.val_path=/imagenet/val   # ViT-B, 100 ep
@@ -11,14 +11,14 @@ Writes analysis.json (every number), CSVs and PNG figures to train.output_dir.
 """
 import sys
 
+from rcmae.analysis.defaults import DEFAULTS as ANALYSIS_DEFAULTS
 from rcmae.core.launcher import run_cli
-from rcmae.pretrain.defaults import ANALYSIS_DEFAULTS
 
 
 def run(argv=None):
     return run_cli(sys.argv[1:] if argv is None else argv, defaults=ANALYSIS_DEFAULTS,
-                   main="rcmae.pretrain.analysis:main", name="rcmae-analyze-teacher", description=__doc__,
-                   demo_config="analysis/demo.yaml", preflight="rcmae.pretrain.analysis:validate")
+                   main="rcmae.analysis.mean_teacher:main", name="rcmae-analyze-teacher", description=__doc__,
+                   demo_config="analysis/demo.yaml", preflight="rcmae.analysis.mean_teacher:validate")
 
 
 def main(argv=None) -> None:

@@ -25,8 +25,9 @@ def run(argv=None):
     args = p.parse_args(argv)
     if args.shard_size_mb <= 0:
         p.error(f"--shard-size-mb must be positive, got {args.shard_size_mb}")
+    from rcmae.core.data.shard_writer import write_shards
+    from rcmae.core.data.shards import ShardError, load_index  # numpy, PIL: after the arguments parse
     from rcmae.core.errors import summarize_names
-    from rcmae.core.shards import ShardError, load_index, write_shards  # numpy, PIL: after the arguments parse
 
     start = time.perf_counter()
     try:

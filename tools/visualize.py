@@ -28,7 +28,7 @@ def run(argv=None):
     from torchvision import transforms
 
     import rcmae
-    from rcmae.core.data import IMAGENET_MEAN, IMAGENET_STD
+    from rcmae.core.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     from rcmae.core.errors import CheckpointError
     from rcmae.pretrain.rcmae import RCMAE
     from rcmae.pretrain.visualize import save_reconstruction

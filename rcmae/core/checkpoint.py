@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from rcmae.core.config import flatten
-from rcmae.core.data import mae_eval_config
+from rcmae.core.data.transforms import mae_eval_config
 from rcmae.core.distributed import all_gather_objects
 from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.vit import ARCHS, infer_arch, is_encoder_key
@@ -108,6 +108,15 @@ def resume_path(resume, out_dir: str | Path) -> Path | None:
     if resume == "auto":
         return find_last_checkpoint(out_dir)
     return None if resume in (None, "none", False) else Path(resume)
+
+
+WHICH = ("auto", "teacher", "student")  # the model of a pretraining checkpoint to use (auto: teacher if any)
+
+
+def check_which(key: str, value: str) -> None:
+    """A config value choosing a pretraining checkpoint's model (``init.which``) is one of :data:`WHICH`."""
+    if value not in WHICH:
+        raise ConfigError(f"{key} must be one of {WHICH}, got {value!r}")
 
 
 def check_checkpoint_option(key: str, value) -> None:

@@ -1,4 +1,6 @@
-"""The training step shared by the training loop and the throughput benchmark."""
+"""The training frame: the step (shared with the throughput benchmark), the hooks, the event storage and
+the loop every trainer runs (:class:`TrainerBase`; the jobs' trainers build on
+:class:`rcmae.core.trainer.DefaultTrainer`)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from rcmae.core.optim import LR_SCALE
 from rcmae.core.preemption import Interrupted, stop_requested
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,8 @@ class TrainStep:
     after micro-batches 0, 1, ... (e.g. an EMA that follows the weights, per step or per micro-batch).
 
     ``forward(*inputs)`` returns a dict with the ``loss`` to minimise and detached metrics. Each
-    group's lr is ``lr * group.get("lr_scale", 1)`` (layer-wise decay). Returns device tensors
-    summed over micro-batches; nothing here synchronises with the host.
+    group's lr is ``lr * group.get(LR_SCALE, 1)`` (the :mod:`rcmae.core.optim` contract: layer-wise
+    decay). Returns device tensors summed over micro-batches; nothing here synchronises with the host.
     """
 
     def __init__(self, model: nn.Module, forward: nn.Module, optimizer: torch.optim.Optimizer,
@@ -44,7 +47,7 @@ class TrainStep:
     def __call__(self, micro_batches: list[tuple[torch.Tensor, ...]], lr: float,
                  update_args: tuple | list = ()) -> dict[str, torch.Tensor]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * group.get(LR_SCALE, 1.0)
         accum = len(micro_batches)
         if len(update_args) > accum:
             raise ValueError(f"{len(update_args)} updates for {accum} micro-batches")
@@ -80,50 +83,85 @@ class TrainStep:
         return sums
 
 
-class HookBase:
-    """Periodic work around the training loop (detectron2's ``HookBase``): override what you need."""
+class EventStorage:
+    """What the steps leave for the hooks and the run's summary (detectron2's ``EventStorage``): the latest
+    value of each named quantity (the step's ``lr``, the last logged ``record``, an evaluation's result, ...).
+    Hooks read it instead of sharing variables with the trainer."""
 
-    def after_step(self, loop: "TrainLoop") -> None:
+    def __init__(self):
+        self.latest: dict = {}
+
+    def put(self, **values) -> None:
+        self.latest.update(values)
+
+    def get(self, name: str, default=None):
+        return self.latest.get(name, default)
+
+
+class HookBase:
+    """Work around the training loop (detectron2's ``HookBase``): override what you need. ``trainer`` is
+    set when the hook is registered; a hook reads its state and :class:`EventStorage` there."""
+
+    trainer: "TrainerBase"
+
+    def before_train(self) -> None:
         pass  # nothing by default
 
-    def after_train(self, loop: "TrainLoop") -> None:
+    def before_step(self) -> None:
+        pass  # nothing by default
+
+    def after_step(self) -> None:
+        pass  # nothing by default
+
+    def after_train(self) -> None:
         pass  # nothing by default
 
 
 class PeriodicHook(HookBase):
-    """``action(loop)`` after every step at which ``due(loop)`` holds."""
+    """``action(trainer)`` after every step at which ``due(trainer)`` holds."""
 
     def __init__(self, due, action):
         self.due, self.action = due, action
 
-    def after_step(self, loop: "TrainLoop") -> None:
-        if self.due(loop):
-            self.action(loop)
+    def after_step(self) -> None:
+        if self.due(self.trainer):
+            self.action(self.trainer)
 
 
 class FinallyHook(HookBase):
-    """``action(loop)`` once when the loop ends, however it ends (close files, bars)."""
+    """``action(trainer)`` once when training ends, however it ends (close files, bars)."""
 
     def __init__(self, action):
         self.action = action
 
-    def after_train(self, loop: "TrainLoop") -> None:
-        self.action(loop)
+    def after_train(self) -> None:
+        self.action(self.trainer)
 
 
-class TrainLoop:
-    """The loop skeleton every trainer shares: ``run_step(step)`` for optimizer steps ``start`` to
-    ``stop``, then every hook's ``after_step`` in order (logging before checkpointing, ...). ``step``
-    counts the finished steps; ``epoch`` and ``epoch_end`` follow from it.
+class TrainerBase:
+    """The loop every trainer shares (detectron2's ``TrainerBase``): for optimizer steps ``start`` to
+    ``stop``, every hook's ``before_step``, :meth:`run_step`, then every hook's ``after_step``, in the
+    order the hooks were registered (logging before checkpointing, ...); ``before_train`` and
+    ``after_train`` around it all (``after_train`` however the loop ends). ``step`` counts the finished
+    steps; ``epoch`` and ``epoch_end`` follow from it.
 
     After each step every rank asks whether a job-control signal came (:mod:`rcmae.core.preemption`);
-    if so ``interrupted`` holds it while the hooks run (a trainer's checkpoint hook saves then), and
-    the loop raises :class:`Interrupted`."""
+    if so ``interrupted`` holds it while the hooks run (a checkpoint hook saves then), and the loop
+    raises :class:`Interrupted`."""
 
-    def __init__(self, run_step, start: int, stop: int, steps_per_epoch: int, hooks: list[HookBase]):
-        self.run_step, self.step, self.stop = run_step, start, stop
-        self.steps_per_epoch, self.hooks = steps_per_epoch, hooks
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self.step = self.stop = 0
         self.interrupted: int | None = None
+        self.hooks: list[HookBase] = []
+        self.storage = EventStorage()
+
+    def register_hooks(self, hooks: list[HookBase | None]) -> None:
+        """Append ``hooks`` (None entries, hooks switched off by the config, are skipped) in their order."""
+        for hook in hooks:
+            if hook is not None:
+                hook.trainer = self
+                self.hooks.append(hook)
 
     @property
     def epoch(self) -> int:
@@ -139,19 +177,41 @@ class TrainLoop:
     def every_epochs(self, n: int) -> bool:
         return bool(n) and self.epoch_end and self.epoch % n == 0
 
-    def run(self) -> int:
+    def train(self, start: int, stop: int) -> int:
+        """Run steps ``start`` to ``stop``; returns the number of finished steps."""
+        self.step, self.stop = start, stop
         try:
+            self.before_train()
             while self.step < self.stop:
-                self.run_step(self.step)
+                self.before_step()
+                self.run_step()
                 self.step += 1
                 self.interrupted = stop_requested()
-                for hook in self.hooks:
-                    hook.after_step(self)
+                self.after_step()
                 if self.interrupted is not None:
                     stop = Interrupted(self.interrupted, f"step {self.step} of {self.stop}")
                     log.warning("%s: state saved", stop)
                     raise stop
         finally:
-            for hook in self.hooks:
-                hook.after_train(self)
+            self.after_train()
         return self.step
+
+    def before_train(self) -> None:
+        for hook in self.hooks:
+            hook.before_train()
+
+    def before_step(self) -> None:
+        for hook in self.hooks:
+            hook.before_step()
+
+    def after_step(self) -> None:
+        for hook in self.hooks:
+            hook.after_step()
+
+    def after_train(self) -> None:
+        for hook in self.hooks:
+            hook.after_train()
+
+    def run_step(self) -> None:
+        """Optimizer step ``self.step`` (0-based; ``step`` counts it once it returns)."""
+        raise NotImplementedError

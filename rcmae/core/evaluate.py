@@ -2,28 +2,9 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Sampler
 
 from rcmae.core.distributed import all_reduce, world_rank
-from rcmae.core.run import progress as progress_bar
-
-
-class ShardSampler(Sampler):
-    """``(index, 0)`` pairs of indices ``rank, rank + world, ...``: an uneven split, no duplicates."""
-
-    def __init__(self, num_samples: int, world: int, rank: int):
-        self.indices = range(rank, num_samples, world)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        return ((i, 0) for i in self.indices)
-
-
-def shard_loader(dataset, batch_size: int, world: int, rank: int, num_workers: int, pin: bool):
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), world, rank),
-                      num_workers=num_workers, pin_memory=pin)
+from rcmae.core.progress import progress as progress_bar
 
 
 @torch.no_grad()

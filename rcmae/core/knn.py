@@ -8,8 +8,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from rcmae.core.data.sampler import shard_loader
 from rcmae.core.distributed import world_size
-from rcmae.core.evaluate import shard_loader
+from rcmae.core.errors import ConfigError
+
+POOLS = ("cls", "mean")  # the class token, or the mean of the patch tokens
+
+
+def check_knn(knn: dict, section: str = "knn") -> None:
+    """The k-NN settings (``k``, ``temperature``, ``pool``), checked before a run writes anything."""
+    if knn["pool"] not in POOLS:
+        raise ConfigError(f"{section}.pool must be one of {POOLS}, got {knn['pool']!r}")
+    if knn["k"] < 1:
+        raise ConfigError(f"{section}.k must be 1 or more, got {knn['k']}")
+    if not knn["temperature"] > 0:
+        raise ConfigError(f"{section}.temperature must be positive, got {knn['temperature']}")
 
 
 @torch.no_grad()

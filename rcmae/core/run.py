@@ -17,13 +17,13 @@ from typing import IO, Callable
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from rcmae.core.checkpoint import find_last_checkpoint
 from rcmae.core.config import flatten, save_config
 from rcmae.core.distributed import DistEnv, all_gather_objects, all_reduce, init_distributed, world_size
 from rcmae.core.errors import ConfigError, NonFiniteLossError, OutputDirInUseError
 from rcmae.core.preemption import restart_count
+from rcmae.core.progress import ProgressAwareHandler
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,23 @@ def check_output_dir(out_dir: str | Path, key: str = "train.output_dir") -> None
                           "system); choose another output directory")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def check_run_config(cfg: dict) -> None:
     """What every tool's run needs from its config, checked before any work: the counts
-    (:func:`check_counts`) and the output directory (:func:`check_output_dir`)."""
+    (:func:`check_counts`), ``train.device`` and ``train.precision``, and the output directory
+    (:func:`check_output_dir`). The command line (:func:`rcmae.core.launcher.run_cli`) calls it, with
+    the tool's own checks, before it runs, writes or submits anything, whatever the launch;
+    :func:`start_run` again, for a ``main`` called from Python."""
     check_counts(cfg)
-    check_output_dir(cfg["train"]["output_dir"])
+    t = cfg["train"]
+    if t.get("device", "auto") not in DEVICES:
+        raise ConfigError(f"train.device must be one of {DEVICES}, got {t['device']!r} (cuda: one GPU per "
+                          "process, the process's LOCAL_RANK)")
+    if t.get("precision", "auto") not in ("auto", *AMP_DTYPES):
+        raise ConfigError(f"train.precision must be one of {('auto', *AMP_DTYPES)}, got {t['precision']!r}")
+    check_output_dir(t["output_dir"])
 
 
 LOCK_FILE = "run.lock"
@@ -129,30 +141,6 @@ def resolve_precision(precision: str, device_type: str) -> tuple[str, torch.dtyp
     if precision == "auto":
         precision = "bf16" if device_type == "cuda" else "fp32"
     return precision, AMP_DTYPES[precision]
-
-
-def interactive() -> bool:
-    """Progress bars only on a terminal: in a SLURM log their carriage returns pile up."""
-    return sys.stdout.isatty()
-
-
-def progress(**kwargs) -> tqdm:
-    """A tqdm bar on stdout, off on other ranks (``disable``) and when stdout is not a terminal."""
-    kwargs["disable"] = kwargs.get("disable", False) or not interactive()
-    return tqdm(file=sys.stdout, dynamic_ncols=True, mininterval=1.0, **kwargs)
-
-
-class ProgressAwareHandler(logging.StreamHandler):
-    """Log lines to stdout through ``tqdm.write``, so they print above a running bar, not over it."""
-
-    def __init__(self):
-        super().__init__(sys.stdout)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:  # noqa: BLE001 - logging must never raise
-            self.handleError(record)
 
 
 def setup_logging(out_dir: Path, is_main: bool) -> None:
@@ -303,21 +291,20 @@ def run_record(env: DistEnv) -> dict:
     import importlib.metadata
     import subprocess
 
-    import rcmae
-
     def git(*args):
         try:
-            out = subprocess.run(["git", *args], cwd=Path(rcmae.__file__).parent, capture_output=True, text=True,
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
                                  timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    versions = {"python": platform.python_version(), "rcmae": rcmae.__version__}
-    for name in ("torch", "torchvision", "timm", "detectron2", "submitit"):
+    versions = {"python": platform.python_version()}
+    for key, dist_name in (("rcmae", "rcmae-toolkit"), ("torch", "torch"), ("torchvision", "torchvision"),
+                           ("timm", "timm"), ("detectron2", "detectron2"), ("submitit", "submitit")):
         try:
-            versions[name] = importlib.metadata.version(name)
+            versions[key] = importlib.metadata.version(dist_name)
         except importlib.metadata.PackageNotFoundError:
             pass  # not installed: not listed
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "cwd": os.getcwd(),

@@ -48,6 +48,9 @@ def is_encoder_key(key: str) -> bool:
     return key.startswith(ENCODER_PREFIXES)
 
 
+GLOBAL_POOLS = ("avg", "token")  # patch-token mean + fc_norm (MAE's fine-tuning), or the class token
+
+
 def check_arch(arch: str, img_size: int) -> dict:
     """The size spec of ``arch``; a ConfigError for an unknown name or an image size that is not a
     multiple of its patch size."""
@@ -64,8 +67,8 @@ def build_classifier(arch: str, img_size: int, num_classes: int, global_pool: st
                      drop_path: float = 0.0) -> VisionTransformer:
     """The timm model (``vit_base_patch16_224`` etc. for 224 px) with ``global_pool`` ``avg``
     (patch-token mean + ``fc_norm``, no final ``norm``, as MAE fine-tunes) or ``token`` (cls)."""
-    if global_pool not in ("avg", "token"):
-        raise ConfigError(f"model.global_pool must be avg or token, got {global_pool!r}")
+    if global_pool not in GLOBAL_POOLS:
+        raise ConfigError(f"model.global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
     spec = check_arch(arch, img_size)
     return VisionTransformer(img_size=img_size, num_classes=num_classes, global_pool=global_pool,
                              drop_path_rate=drop_path, mlp_ratio=4.0, qkv_bias=True,

@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 
 from rcmae.core.checkpoint import list_checkpoints, read_checkpoint
-from rcmae.core.data import SeededImages, eval_transform, list_images
-from rcmae.core.demo_data import build_demo_labelled
+from rcmae.core.data.datasets import SeededImages
+from rcmae.core.data.demo import build_demo_labelled
+from rcmae.core.data.folder import list_images
+from rcmae.core.data.transforms import eval_transform
 from rcmae.core.errors import ConfigError
+from rcmae.core.plotting import plt, save_figure
 from rcmae.pretrain.models import random_masking_ids
 from rcmae.pretrain.rcmae import mask_noise, rcmae_from_checkpoint
-from rcmae.pretrain.visualize import plt, save_figure
 
 log = logging.getLogger(__name__)
 

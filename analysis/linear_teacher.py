@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 
+from rcmae.core.geometry import cosine, ratio
+from rcmae.core.plotting import plt, save_figure
 from rcmae.core.schedules import momentum_at
-from rcmae.pretrain.visualize import plt, save_figure
 
 Momenta = float | Sequence[float] | Callable[[int], float]  # constant, per-step list, or step -> momentum
 DTYPE = torch.float64
@@ -199,18 +200,6 @@ def similarity_stream(d: int, B: int, steps: int, rho: float, generator: torch.G
     for Z in fresh[1:]:
         X_list.append(rho * X_list[-1] + math.sqrt(1.0 - rho**2) * Z)
     return X_list, [A @ X + n for X, n in zip(X_list, noises)]
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """cos of the angle between two matrices (Frobenius), 0 where either is exactly zero."""
-    na, nb = a.norm(), b.norm()
-    return 0.0 if na == 0 or nb == 0 else float((a * b).sum() / (na * nb))
-
-
-def ratio(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|a| / |b|, 0 where a is exactly zero."""
-    na = a.norm()
-    return 0.0 if na == 0 else float(na / b.norm())
 
 
 def similarity_experiment(rhos: Sequence[float] = RHOS, d: int = 200, B: int = 8, m: int = 4, steps: int = 20,

@@ -1,11 +1,11 @@
 """The GPU decode path of the pretraining augmentation (``data.pipeline=gpu``): MAE's crop + flip of
-:mod:`rcmae.pretrain.data`, with the JPEG decoding moved from the data-loader workers to the GPU.
+:mod:`rcmae.core.data.transforms`, with the JPEG decoding moved from the data-loader workers to the GPU.
 
 What runs where:
 
 - data-loader workers (CPU), :class:`EncodedRandomResizedCrop`: read the file's bytes, read the JPEG
   header, draw the crop box and flip (the same random numbers, in the same order, as the ``fast``
-  pipeline's :class:`~rcmae.pretrain.data.FastRandomResizedCrop`, so a seeded sample is cropped
+  pipeline's :class:`~rcmae.core.data.transforms.FastRandomResizedCrop`, so a seeded sample is cropped
   identically by every pipeline) and hand over the undecoded bytes. Files the GPU decoder cannot take
   (anything but a baseline or progressive 8-bit YCbCr / grayscale JPEG: PNG, CMYK, lossless, ...) are
   decoded here by ``FastRandomResizedCrop`` itself; :func:`collate_encoded` packs a batch's bytes into
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from rcmae.pretrain.data import FastRandomResizedCrop, crop_and_flip
+from rcmae.core.data.transforms import FastRandomResizedCrop, crop_and_flip
 
 GPU_FRAMES = {(0xC0, 8), (0xC2, 8)}  # (SOF marker, bits): 8-bit baseline or progressive, what nvJPEG decodes
 GPU_COLORSPACES = {"YCbCr", "Gray"}  # simplejpeg's names; RGB-coded (Adobe), CMYK, YCCK files are not

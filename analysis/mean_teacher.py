@@ -13,6 +13,7 @@ Everything lands in ``train.output_dir``: ``analysis.json`` (every number), CSVs
 """
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -22,19 +23,22 @@ from pathlib import Path
 
 import torch
 
+from rcmae.analysis.compare import VARIANTS, compare, run_dir
+from rcmae.analysis.linear_teacher import run_linear_analysis
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 from rcmae.core.config import load_config
-from rcmae.core.data import SeededImages, image_folder_classes, labelled_images, to_model_input
+from rcmae.core.data.datasets import SeededImages
+from rcmae.core.data.folder import image_folder_classes
+from rcmae.core.data.pipelines import pretrain_transform
+from rcmae.core.data.readers import labelled_images
+from rcmae.core.data.transforms import to_model_input
 from rcmae.core.errors import ConfigError
+from rcmae.core.plotting import plt, save_figure
 from rcmae.core.run import start_run
-from rcmae.pretrain.compare import VARIANTS, compare, run_dir
-from rcmae.pretrain.data import pretrain_transform
 from rcmae.pretrain.defaults import DEFAULTS as PRETRAIN_DEFAULTS
-from rcmae.pretrain.linear_teacher import run_linear_analysis
-from rcmae.pretrain.probe import STATS, gradient_stats, loss_gradients, update_experiment
+from rcmae.pretrain.probe import STATS, gradient_stats, loss_gradients, student_params
 from rcmae.pretrain.rcmae import RCMAE, mask_noise, rcmae_from_checkpoint
 from rcmae.pretrain.train import validate as validate_pretrain
-from rcmae.pretrain.visualize import plt, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +174,7 @@ def plot_probe(result: dict, path: Path) -> Path:
 
 
 def main(cfg: dict) -> dict:
-    run = start_run(cfg)
-    validate(cfg)
+    run = start_run(cfg, validate)  # checked before the output directory is touched
     out_dir, results = run.out_dir, {"config": cfg}
     if "linear" in cfg["sections"]:
         log.info("section 1: the linear model")
@@ -192,3 +195,23 @@ def main(cfg: dict) -> dict:
     log.info("every number: %s", path)
     return {"output_dir": str(out_dir), "analysis": str(path),
             "figures": ", ".join(str(p) for p in sorted(out_dir.glob("*.png")))}
+
+
+def update_experiment(model: RCMAE, cases: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      first: tuple[torch.Tensor, torch.Tensor], lr: float, momentum: float) -> dict:
+    """From teacher = student: one SGD step (``lr``) on ``first`` = (images, noise), the EMA update
+    (``momentum``), then :func:`gradient_stats` of every case (name -> (images, noise)) against that
+    update. ``model`` is left unchanged (the experiment runs on a copy)."""
+    m = copy.deepcopy(model)
+    if m.teacher is None:
+        raise ValueError("update_experiment needs RC-MAE (a teacher)")
+    m.teacher.load_state_dict(m.student.state_dict())
+    params = student_params(m)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    g_r, _ = loss_gradients(m, *first)  # at teacher = student, L_c and its gradient are zero
+    with torch.no_grad():
+        for n, p in params.items():
+            p -= lr * g_r[n]
+    m.update_teacher(momentum)
+    update = {n: p.detach() - before[n] for n, p in params.items()}
+    return {name: gradient_stats(*loss_gradients(m, imgs, noise), update) for name, (imgs, noise) in cases.items()}

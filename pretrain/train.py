@@ -119,6 +119,10 @@ class PretrainTrainer(DefaultTrainer):
     metric_keys = METRICS
     metrics_prefix = "pretrain"
 
+    def __init__(self, cfg: dict, run):
+        super().__init__(cfg, run)
+        self.recon_inputs = reconstruction_inputs(self)
+
     def build_train_set(self):
         d = self.cfg["data"]
         if d["pipeline"] == "gpu" and self.device.type != "cuda":
@@ -231,8 +235,6 @@ class PretrainTrainer(DefaultTrainer):
         log.info("epoch %d k-NN top-1 %.2f top-5 %.2f", self.epoch, result["knn_top1"], result["knn_top5"])
 
     def reconstruction(self) -> None:
-        if not hasattr(self, "recon_inputs"):
-            self.recon_inputs = reconstruction_inputs(self)
         fig = save_reconstruction(self.model, *self.recon_inputs,
                                   self.run.out_dir / f"reconstruction_epoch{self.epoch:04d}.png",
                                   f"{self.cfg['model']['arch']} epoch {self.epoch}")

@@ -1,5 +1,6 @@
-"""Every command of the README's (and docs/'s) shell and Python blocks, read from the files and run here in
-README order, as a user following them would: in a fresh working directory whose absolute paths (``/data/...``,
+"""Every command of the README's and the manual's (docs/) shell and Python blocks, read from the files and
+run here in reading order (:func:`docs_in_reading_order`: the README, then the manual's pages in the order
+of the ``nav`` of mkdocs.yml), as a user following them would: in a fresh working directory whose absolute paths (``/data/...``,
 ``/ckpt/...``, ``/imagenet/...``) are miniatures laid out like the real data, and where ``output/...`` is what
 the commands above wrote. A flag renamed in the code or the docs breaks a test here, not a user.
 
@@ -32,11 +33,39 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import ROOT, free_port, make_imagenet
+from fixtures import ROOT, free_port, make_imagenet
 
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+
+class _AnyTagLoader(yaml.SafeLoader):
+    """mkdocs.yml may hold tags for MkDocs (``!ENV``, ``!!python/name:``): read them as nothing."""
+
+
+_AnyTagLoader.add_multi_constructor("", lambda loader, suffix, node: None)
+
+
+def docs_in_reading_order() -> list[Path]:
+    """README.md, then the pages of docs/ in the order of mkdocs.yml's ``nav``: a command may use what a
+    command of an earlier page wrote (the pretraining page's checkpoints, say), as it does for a reader
+    going through the manual; pages the nav leaves out follow, sorted."""
+    def pages(entry) -> list[str]:
+        if isinstance(entry, str):
+            return [entry] if entry.endswith(".md") and "://" not in entry else []
+        if isinstance(entry, dict):
+            return [p for value in entry.values() for p in pages(value)]
+        if isinstance(entry, list):
+            return [p for item in entry for p in pages(item)]
+        return []
+
+    docs_dir = ROOT / "docs"
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=_AnyTagLoader)
+    nav = [docs_dir / p for p in pages(config.get("nav", []))]
+    rest = sorted(set(docs_dir.glob("**/*.md")) - set(nav))
+    return [ROOT / "README.md", *[p for p in nav if p.is_file()], *rest]
+
+
+DOCS = docs_in_reading_order()
 NOT_RUN = (re.compile(r"^(\w+=\S+ )*(pip install|bash tools/install_detectron2\.sh|python -m pytest)\b"),
            "installs and the test suite: CI runs exactly these (.ci/run)")
 
@@ -87,10 +116,11 @@ def doc_commands() -> list[Command]:
             if fence and language is None:
                 language, start, block = fence.group(1), n, []
             elif fence:
+                name = doc.relative_to(ROOT).as_posix()
                 if language == "python":
-                    commands.append(Command(doc.name, start + 1, "\n".join(block), "python"))
+                    commands.append(Command(name, start + 1, "\n".join(block), "python"))
                 elif language in ("bash", "sh", "shell"):
-                    commands += bash_commands(doc.name, start, block)
+                    commands += bash_commands(name, start, block)
                 language = None
             elif language is not None:
                 block.append(line)

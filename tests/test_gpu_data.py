@@ -11,6 +11,7 @@ from test_train import metrics
 from torch.utils.data import DataLoader
 
 import rcmae.core.data.gpu as gpu_data
+import rcmae.core.data.pipelines as pipelines
 from rcmae.core.data.datasets import SeededImages
 from rcmae.core.data.gpu import (
     EncodedRandomResizedCrop,
@@ -223,7 +224,7 @@ def test_pretraining_with_the_gpu_pipeline_on_cuda(imagenet, tmp_path, monkeypat
         decoded.append((len(samples), out.device.type, out.shape[-1]))
         return out
 
-    monkeypatch.setattr(gpu_data, "decode_on_device", recording_decode)
+    monkeypatch.setattr(pipelines, "decode_on_device", recording_decode)
     cfg = micro_config(tmp_path / "run", ["data.source=folder", f"data.path={imagenet / 'train'}",
                                           "data.pipeline=gpu", "data.num_workers=2", "train.device=cuda",
                                           "optim.epochs=1", "log.every_steps=1"])

@@ -9,7 +9,7 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import ROOT
+from fixtures import ROOT
 
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 

@@ -196,21 +196,22 @@ class TrainerBase:
             self.after_train()
         return self.step
 
-    def before_train(self) -> None:
+    def call_hooks(self, event: str) -> None:
+        """Every hook's ``event`` method, in registration order."""
         for hook in self.hooks:
-            hook.before_train()
+            getattr(hook, event)()
+
+    def before_train(self) -> None:
+        self.call_hooks("before_train")
 
     def before_step(self) -> None:
-        for hook in self.hooks:
-            hook.before_step()
+        self.call_hooks("before_step")
 
     def after_step(self) -> None:
-        for hook in self.hooks:
-            hook.after_step()
+        self.call_hooks("after_step")
 
     def after_train(self) -> None:
-        for hook in self.hooks:
-            hook.after_train()
+        self.call_hooks("after_train")
 
     def run_step(self) -> None:
         """Optimizer step ``self.step`` (0-based; ``step`` counts it once it returns)."""

@@ -291,22 +291,10 @@ def exit_stopped(stop: Interrupted, out_dir: str) -> None:
     sys.exit(128 + stop.signum)
 
 
-def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
-            description: str, errors: tuple = (), add_args=None, args_to_overrides=None,
-            preflight: Entry | None = None):
-    """The command line every tool shares: ``--config-file``, ``key.sub=value`` overrides,
-    ``--output-dir``, ``--resume [PATH]`` / ``--no-resume`` (tools that resume), ``--print-config``,
-    and the cluster options; runs here or submits, and prints where the outputs are. ``main`` and
-    ``preflight`` may be "module:function" strings, imported after the arguments are parsed.
-
-    The tool's demo (``demo_config``) runs only with no arguments at all or ``--demo``; any other
-    call starts from ``defaults`` (the documented recipe). ``preflight(cfg, world_size)`` checks a
-    config before anything runs, is written or is submitted, with the world size the run or job will
-    have; ``--dry-run`` stops after the checks and prints the plan. Ctrl-C stops a run with exit
-    status 130 and names its last checkpoint; TERM or USR2 stop it after the step in progress, saved,
-    with 128 + the signal (:mod:`rcmae.core.preemption`). A tool may add flags
-    (``add_args(parser)``) that become overrides (``args_to_overrides(args) -> ["key=value", ...]``).
-    """
+def parse_tool_args(argv, defaults: dict, demo_config: str, name: str, description: str, add_args=None,
+                    args_to_overrides=None) -> tuple[argparse.Namespace, bool, list[str]]:
+    """:func:`run_cli`'s arguments: the parsed namespace, whether the demo runs, and the config overrides the
+    flags and ``key.sub=value`` arguments make."""
     p = argparse.ArgumentParser(prog=name, description=description, formatter_class=HelpFormatter)
     p.add_argument("--demo", action="store_true",
                    help=f"the CPU demo (configs/{demo_config}); also what a call without arguments runs")
@@ -332,6 +320,27 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
         overrides.append(f"train.resume={args.resume}")
     if getattr(args, "no_resume", False):
         overrides.append("train.resume=none")
+    return args, demo, overrides
+
+
+def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
+            description: str, errors: tuple = (), add_args=None, args_to_overrides=None,
+            preflight: Entry | None = None):
+    """The command line every tool shares: ``--config-file``, ``key.sub=value`` overrides,
+    ``--output-dir``, ``--resume [PATH]`` / ``--no-resume`` (tools that resume), ``--print-config``,
+    and the cluster options; runs here or submits, and prints where the outputs are. ``main`` and
+    ``preflight`` may be "module:function" strings, imported after the arguments are parsed.
+
+    The tool's demo (``demo_config``) runs only with no arguments at all or ``--demo``; any other
+    call starts from ``defaults`` (the documented recipe). ``preflight(cfg, world_size)`` checks a
+    config before anything runs, is written or is submitted, with the world size the run or job will
+    have; ``--dry-run`` stops after the checks and prints the plan. Ctrl-C stops a run with exit
+    status 130 and names its last checkpoint; TERM or USR2 stop it after the step in progress, saved,
+    with 128 + the signal (:mod:`rcmae.core.preemption`). A tool may add flags
+    (``add_args(parser)``) that become overrides (``args_to_overrides(args) -> ["key=value", ...]``).
+    """
+    args, demo, overrides = parse_tool_args(argv, defaults, demo_config, name, description, add_args,
+                                            args_to_overrides)
     cfg = None
     try:
         if demo and args.config_file:

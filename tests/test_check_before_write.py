@@ -36,6 +36,11 @@ CONFIG_TOOLS = [
     (eval_robustness, ["--imagenet-val", MISSING, "--model", "resnet18"], "data.imagenet_val"),
     (eval_robustness, ["--imagenet-val", MISSING], "model.checkpoint"),
     (analyze_teacher, ["sections=[plots]"], "sections"),
+    (pretrain, ["--demo", "optim.epochs=0"], "optim.epochs"),                # numbers a run cannot use
+    (finetune, ["--demo", "optim.lr=fast"], "optim.lr"),                     # None by default: typed here
+    (linprobe, ["--demo", "train.stop_at_step=1.5"], "train.stop_at_step"),
+    (knn, ["--demo", "data.crop_pct=1.2"], "data.crop_pct"),
+    (knn, ["--demo", "data.label_space=wordnet"], "data.label_space"),
 ]
 MODES = {"plain": [], "slurm": ["--slurm", "--gpus-per-node", "1"],
          "slurm-dry-run": ["--slurm", "--gpus-per-node", "1", "--dry-run"], "torchrun": []}
@@ -122,3 +127,22 @@ def test_train_det_checks_before_it_writes(mode, workdir, monkeypatch):
             monkeypatch.setenv(name, value)
     argv = ["--demo", *MODES[mode], f"train.init_checkpoint={MISSING}.pth", "train.output_dir=out/det"]
     refused(train_det, argv, "train.init_checkpoint", workdir)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.epochs=0", "optim.epochs must be 1 or more, got 0"),
+    ("optim.warmup_epochs=-1", "optim.warmup_epochs must be 0 or more, got -1"),
+    ("checkpoint.keep=-1", "checkpoint.keep must be 0 or more, got -1"),
+    ("rcmae.momentum=1.5", "rcmae.momentum must be in (0, 1], got 1.5"),
+    ("optim.clip_grad=[1]", "optim.clip_grad must be a number, got [1]"),
+    ("optim.lr=-0.1", "optim.lr must be 0 or more, got -0.1"),
+    ("train.stop_at_step=2.5", "train.stop_at_step must be an integer, got 2.5"),
+])
+def test_numbers_a_run_cannot_use_are_refused(override, message):
+    from rcmae.core.config import load_config
+    from rcmae.core.run import check_counts
+    from rcmae.pretrain.defaults import DEFAULTS
+
+    with pytest.raises(ConfigError) as error:
+        check_counts(load_config(DEFAULTS, None, [override]))
+    assert str(error.value) == message

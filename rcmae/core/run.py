@@ -40,16 +40,38 @@ def accumulation_steps(batch_size: int, micro_batch: int, world: int) -> int:
     return batch_size // per_step
 
 
+# The smallest value a run can use, by key name (the last part of the key, in any section); a value below
+# it would surface as a division by zero, an empty schedule or a loader error after the run has started.
+AT_LEAST_ONE = ("batch_size", "micro_batch", "epochs", "trials", "synthetic_size", "heldout_images")
+AT_LEAST_ZERO = ("warmup_epochs", "every_epochs", "every_steps", "probe_every_steps", "keep", "recon_images",
+                 "lr", "base_lr", "min_lr", "weight_decay", "clip_grad", "stop_at_step", "drop_path", "smoothing",
+                 "mixup", "cutmix", "reprob", "gamma", "head_init_std")
+FRACTIONS = ("momentum", "layer_decay", "crop_pct", "crop_min_scale")  # in (0, 1]
+INTEGERS = ("stop_at_step", "img_size")  # None by default in some tools, so the config's types do not check them
+
+
 def check_counts(cfg: dict) -> None:
-    """Batch sizes (keys ending in ``batch_size`` or ``micro_batch``) are positive and worker counts
-    (``num_workers``) are 0 or more, in any section, so that neither surfaces as a division by zero or
-    a DataLoader error after the run has started."""
+    """The numbers of a config, in any section: batch sizes, epochs and other counts are positive, worker
+    counts, rates, intervals and weights 0 or more, momenta and crop fractions in (0, 1], and a number where a
+    key's default is None (``optim.lr``, ``optim.clip_grad``, ``train.stop_at_step``, ``data.crop_pct``)."""
     for key, value in flatten(cfg).items():
         leaf = key.rsplit(".", 1)[-1]
-        if leaf.endswith(("batch_size", "micro_batch")) and value is not None and value < 1:
+        if value is None or not leaf.endswith((*AT_LEAST_ONE, *AT_LEAST_ZERO, *FRACTIONS, *INTEGERS, "num_workers")):
+            continue
+        if leaf in INTEGERS and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if leaf.endswith(("batch_size", "micro_batch")) and value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value}")
-        if leaf == "num_workers" and value is not None and value < 0:
+        if leaf == "num_workers" and value < 0:
             raise ConfigError(f"{key} must be 0 or more, got {value} (0 reads the data in the training process)")
+        if leaf in AT_LEAST_ONE and value < 1:
+            raise ConfigError(f"{key} must be 1 or more, got {value}")
+        if leaf in AT_LEAST_ZERO and value < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {value}")
+        if leaf in FRACTIONS and not 0 < value <= 1:
+            raise ConfigError(f"{key} must be in (0, 1], got {value}")
 
 
 def check_output_dir(out_dir: str | Path, key: str = "train.output_dir") -> None:

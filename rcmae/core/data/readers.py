@@ -14,6 +14,9 @@ from rcmae.core.distributed import barrier
 from rcmae.core.errors import ConfigError, summarize_names
 
 
+LABEL_SPACES = ("folder", "imagenet1k")  # sorted folder index, or ImageNet-1k wnid index
+
+
 def class_index(classes: list[str], label_space: str, root: str | Path, what: str) -> tuple[dict[str, int], int]:
     """The label of each class folder of ``root`` under ``label_space``, and the number of classes."""
     if label_space == "folder":
@@ -40,6 +43,8 @@ def check_folder_pair(d: dict, section: str) -> None:
     """A config section with ``source`` (folder / demo), ``train_path``, ``val_path``, ``label_space``:
     the demo takes no paths; a folder source needs both, each an ImageFolder tree or a shard folder of one
     (``tools/make_shards.py``), with classes that agree (:func:`check_class_names`)."""
+    if d["label_space"] not in LABEL_SPACES:
+        raise ConfigError(f"{section}.label_space must be one of {LABEL_SPACES}, got {d['label_space']!r}")
     if d["source"] == "demo":
         given = [f"{section}.{k}={d[k]}" for k in ("train_path", "val_path") if d[k]]
         if given:

@@ -24,7 +24,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from rcmae.core.launcher import exit_stopped
-from rcmae.core.preemption import Interrupted, noting_signals, restart_count, stop_requested
+from rcmae.core.preemption import Interrupted, noting_signals, resume_on_restart, stop_requested
 from rcmae.detection.checkpoint import load_detector, load_vit_backbone
 from rcmae.detection.data import build_coins_dataset, register_coco
 from rcmae.detection.evaluation import COCOEval, write_results
@@ -154,16 +154,13 @@ def do_train(cfg, resume: bool) -> tuple[torch.nn.Module, dict]:
 
 
 def resume_after_restart(cfg, args) -> str | None:
-    """A training job SLURM restarted (requeue, preemption, node failure) continues from the output
-    directory's last checkpoint whatever its first command line said: SLURM reruns that command, and
-    without ``--resume`` it would start again from iteration 0. Sets ``args.resume``; returns the
-    warning to log, or None."""
-    out = Path(cfg.train.output_dir).resolve()
-    if args.eval_only or args.resume or not restart_count() or not (out / "last_checkpoint").is_file():
-        return None
-    args.resume = True
-    return (f"SLURM job {os.environ.get('SLURM_JOB_ID')} restart {restart_count()}: resuming from the last "
-            f"checkpoint in {out} although the first command line had no --resume")
+    """:func:`~rcmae.core.preemption.resume_on_restart` for detectron2's command line: a training job SLURM
+    restarted resumes from the output directory's last checkpoint (sets ``args.resume``); returns the warning
+    to log, or None."""
+    restarted = resume_on_restart(cfg.train.output_dir, args.eval_only or args.resume,
+                                  lambda out: (out / "last_checkpoint").is_file(), "no --resume")
+    args.resume = args.resume or restarted is not None
+    return restarted
 
 
 def setup(args):

@@ -19,6 +19,8 @@ import multiprocessing
 import multiprocessing.util  # registers its exit function now: ours, registered later, runs first
 import os
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 JOB_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -124,3 +126,16 @@ def stop_requested() -> int | None:
 def restart_count() -> int:
     """How often SLURM has restarted this job (requeue, preemption, node failure); 0 outside SLURM."""
     return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def resume_on_restart(out_dir: str | Path, resumes: bool, has_saved_state: Callable[[Path], bool],
+                      first_start: str) -> str | None:
+    """The one restart rule of every job: a job SLURM restarted (requeue, preemption, node failure) continues
+    from what its output directory holds, whatever its first command line said (``first_start``): SLURM reruns
+    that command, and starting afresh there would throw away the steps done since. Returns the warning to log
+    when the caller must switch to resuming, None when it is no restart, resumes anyway or nothing is saved."""
+    out_dir = Path(out_dir).resolve()
+    if resumes or not restart_count() or not has_saved_state(out_dir):
+        return None
+    return (f"SLURM job {os.environ.get('SLURM_JOB_ID')} restart {restart_count()}: continuing from {out_dir} "
+            f"instead of {first_start} of the first start")

@@ -22,7 +22,7 @@ from rcmae.core.checkpoint import find_last_checkpoint
 from rcmae.core.config import flatten, save_config
 from rcmae.core.distributed import DistEnv, all_gather_objects, all_reduce, init_distributed, world_size
 from rcmae.core.errors import ConfigError, NonFiniteLossError, OutputDirInUseError
-from rcmae.core.preemption import restart_count
+from rcmae.core.preemption import restart_count, resume_on_restart
 from rcmae.core.progress import ProgressAwareHandler
 
 log = logging.getLogger(__name__)
@@ -380,10 +380,9 @@ def start_run(cfg: dict, validate: Callable[[dict, int], object] | None = None,
     and ``--no-resume`` or ``--resume PATH`` there would throw away the steps done since."""
     check_run_config(cfg)
     t = cfg["train"]
-    restarted = None
-    if restart_count() and t.get("resume", "auto") != "auto" and has_saved_state(Path(t["output_dir"])):
-        restarted = (f"SLURM job {os.environ.get('SLURM_JOB_ID')} restart {restart_count()}: continuing from "
-                     f"{Path(t['output_dir']).resolve()} instead of train.resume={t['resume']!r} of the first start")
+    restarted = resume_on_restart(t["output_dir"], t.get("resume", "auto") == "auto", has_saved_state,
+                                  f"train.resume={t.get('resume')!r}")
+    if restarted:
         t["resume"] = "auto"
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if t["device"] == "auto" else t["device"]
     env = init_distributed(device_type)

@@ -158,7 +158,8 @@ def resume_after_restart(cfg, args) -> str | None:
     restarted resumes from the output directory's last checkpoint (sets ``args.resume``); returns the warning
     to log, or None."""
     restarted = resume_on_restart(cfg.train.output_dir, args.eval_only or args.resume,
-                                  lambda out: (out / "last_checkpoint").is_file(), "no --resume")
+                                  lambda out: (out / "last_checkpoint").is_file(), "no --resume",
+                                  "resuming from the last checkpoint in")
     args.resume = args.resume or restarted is not None
     return restarted
 

@@ -78,6 +78,11 @@ def validate(cfg: dict, world: int) -> int:
     if (cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0) and t["micro_batch"] % 2:
         raise ConfigError("mixup / cutmix need an even train.micro_batch")
     check_folder_pair(cfg["data"], "data")
+    try:  # timm parses the augmentation strings (aug.rand_augment) when it builds the transform
+        train_transform(m["img_size"], cfg["aug"], t["mode"])
+    except (AssertionError, ValueError, KeyError) as e:
+        raise ConfigError(f"aug.rand_augment={cfg['aug']['rand_augment']!r} is not a timm augmentation "
+                          f"(e.g. rand-m9-mstd0.5-inc1, as MAE fine-tunes; null: none): {e}") from None
     ckpt.check_checkpoint_option("init.checkpoint", cfg["init"]["checkpoint"])
     ckpt.check_which("init.which", cfg["init"]["which"])
     ckpt.check_checkpoint_option("train.resume", t["resume"])

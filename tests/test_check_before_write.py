@@ -41,6 +41,7 @@ CONFIG_TOOLS = [
     (linprobe, ["--demo", "train.stop_at_step=1.5"], "train.stop_at_step"),
     (knn, ["--demo", "data.crop_pct=1.2"], "data.crop_pct"),
     (knn, ["--demo", "data.label_space=wordnet"], "data.label_space"),
+    (finetune, ["--demo", "aug.rand_augment=rand-x9", "optim.batch_size=64"], "aug.rand_augment"),
 ]
 MODES = {"plain": [], "slurm": ["--slurm", "--gpus-per-node", "1"],
          "slurm-dry-run": ["--slurm", "--gpus-per-node", "1", "--dry-run"], "torchrun": []}

@@ -129,13 +129,14 @@ def restart_count() -> int:
 
 
 def resume_on_restart(out_dir: str | Path, resumes: bool, has_saved_state: Callable[[Path], bool],
-                      first_start: str) -> str | None:
+                      first_start: str, action: str = "continuing from") -> str | None:
     """The one restart rule of every job: a job SLURM restarted (requeue, preemption, node failure) continues
     from what its output directory holds, whatever its first command line said (``first_start``): SLURM reruns
     that command, and starting afresh there would throw away the steps done since. Returns the warning to log
-    when the caller must switch to resuming, None when it is no restart, resumes anyway or nothing is saved."""
+    when the caller must switch to resuming (``action``: how it says so), None when it is no restart, resumes
+    anyway or nothing is saved."""
     out_dir = Path(out_dir).resolve()
     if resumes or not restart_count() or not has_saved_state(out_dir):
         return None
-    return (f"SLURM job {os.environ.get('SLURM_JOB_ID')} restart {restart_count()}: continuing from {out_dir} "
+    return (f"SLURM job {os.environ.get('SLURM_JOB_ID')} restart {restart_count()}: {action} {out_dir} "
             f"instead of {first_start} of the first start")

@@ -1,10 +1,19 @@
 """The pytest fixtures; the helpers tests import (ROOT, micro_config, make_imagenet, ...) are in fixtures.py."""
-import logging
 import os
+import sys
 
-import pytest
-from fixtures import make_imagenet, micro_config
-from slurm_cluster import LocalSlurm, SlurmUnavailable
+# One compute thread per core for each xdist worker (2 workers on the 2 cores of CI: one thread each), set
+# before torch is imported and inherited by every process a test starts (several tests give theirs
+# OMP_NUM_THREADS=1 explicitly already). With more threads than cores, two workers' OpenMP threads spin
+# against each other and a 30-s training crawls for minutes. An OMP_NUM_THREADS of the caller's wins.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    if "torch" in sys.modules:  # imported by a plugin before this file: the setting would come too late
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+import pytest  # noqa: E402
+from fixtures import logger_as_found, make_imagenet, micro_config  # noqa: E402
+from slurm_cluster import LocalSlurm, SlurmUnavailable  # noqa: E402
 
 
 @pytest.fixture
@@ -20,16 +29,9 @@ def imagenet(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def project_logger_as_found():
-    """A run's set-up gives the ``rcmae`` logger its own handlers and stops propagation (so that nothing
-    prints twice); put it back after each test, so that ``caplog`` in a later test sees its records."""
-    logger = logging.getLogger("rcmae")
-    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
-    yield
-    for handler in logger.handlers[:]:
-        if handler not in handlers:
-            logger.removeHandler(handler)
-            handler.close()
-    logger.propagate, logger.level = propagate, level
+    """The ``rcmae`` logger put back after each test (fixtures.logger_as_found)."""
+    with logger_as_found():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,12 @@
 """Helpers the tests import (``from fixtures import ...``): paths, the micro pretraining config, miniature
 data sets and process utilities. The pytest fixtures themselves live in conftest.py, which builds on these."""
+import contextlib
 import copy
+import io
+import logging
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 from rcmae.core.config import load_config
@@ -16,6 +21,55 @@ MICRO = {"model": dict(arch="vit_micro_patch8", img_size=32, decoder_dim=32, dec
          "train": dict(micro_batch=8, device="cpu"),
          "checkpoint": dict(every_epochs=1, keep=2),
          "log": dict(every_steps=2, recon_every_epochs=0)}
+
+
+@contextlib.contextmanager
+def logger_as_found():
+    """A run's set-up gives the ``rcmae`` logger its own handlers and stops propagation (so that nothing
+    prints twice); put it back afterwards, so that ``caplog`` in a later test sees its records."""
+    logger = logging.getLogger("rcmae")
+    handlers, propagate, level = logger.handlers[:], logger.propagate, logger.level
+    try:
+        yield
+    finally:
+        for handler in logger.handlers[:]:
+            if handler not in handlers:
+                logger.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+        logger.propagate, logger.level = propagate, level
+
+
+@contextlib.contextmanager
+def in_checkout():
+    """The working directory of the checkout, where the docs' relative paths (``configs/...``) point."""
+    before = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def run_in_process(tool, *args) -> subprocess.CompletedProcess:
+    """``python tools/<tool>.py ARGS`` as ``tool.main(ARGS)`` in this process, from the checkout: the same
+    parsing, checks, run and printed output, without starting an interpreter (and importing torch, timm)
+    again. The result as a shell sees the command's: ``sys.exit("error: ...")`` is status 1 with the message
+    on stderr, as Python's own exit makes it; any other exception propagates (where the command would
+    print a traceback), so it fails the test. For tests whose subject is not the process itself."""
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    with in_checkout(), logger_as_found(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            tool.main([*map(str, args)])
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+                status = 1
+            else:
+                status = e.code or 0
+    return subprocess.CompletedProcess([tool.__name__, *map(str, args)], status, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_readme_commands import TINY_PRETRAIN, run
+from test_readme_commands import TINY_PRETRAIN, run_here
 
 from rcmae.analysis.compare import read_metrics
 from rcmae.analysis.defaults import DEFAULTS as ANALYSIS_DEFAULTS
@@ -13,6 +13,7 @@ from rcmae.analysis.mean_teacher import validate
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 from rcmae.core.config import load_config
 from rcmae.core.errors import ConfigError
+from rcmae.tools import analyze_teacher as analyze_tool
 
 
 def lines(path):
@@ -20,12 +21,15 @@ def lines(path):
 
 
 @pytest.mark.slow
-def test_demo_command_runs_every_section(tmp_path):
-    """``python tools/analyze_teacher.py``: the demo with fewer seeds and steps."""
+def test_demo_command_runs_every_section(tmp_path, monkeypatch):
+    """``python tools/analyze_teacher.py``: the demo with fewer seeds and steps (its pretraining runs are
+    processes of their own, with one thread each)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "demo"
-    run("tools/analyze_teacher.py", "--demo", f"train.output_dir={out}", "compare.seeds=[0,1]",
-        "compare.pretrain_overrides=[optim.epochs=1,log.every_steps=1,checkpoint.every_epochs=1,knn.every_epochs=1]",
-        "compare.probe_every_steps=2", "compare.heldout_images=16", "probe.trials=2", "probe.batch_size=8")
+    run_here(analyze_tool, "--demo", f"train.output_dir={out}", "compare.seeds=[0,1]",
+             "compare.pretrain_overrides=[optim.epochs=1,log.every_steps=1,checkpoint.every_epochs=1,"
+             "knn.every_epochs=1]", "compare.probe_every_steps=2", "compare.heldout_images=16", "probe.trials=2",
+             "probe.batch_size=8")
     result = json.loads((out / "analysis.json").read_text())
     assert set(result) >= {"linear", "compare", "probe"}
     summary = result["compare"]["summary"]
@@ -53,13 +57,16 @@ def test_demo_command_runs_every_section(tmp_path):
 
 
 @pytest.mark.slow
-def test_imagenet_command_and_the_probe_of_every_checkpoint_origin(tmp_path, imagenet):
+def test_imagenet_command_and_the_probe_of_every_checkpoint_origin(tmp_path, imagenet, monkeypatch):
     """``python tools/analyze_teacher.py data.train_path=... data.val_path=...`` (the ViT-B recipe,
     shrunk), then ``sections=[probe] probe.checkpoint=...`` on our, MAE's and RC-MAE's files."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "in1k"
-    run("tools/analyze_teacher.py", f"data.train_path={imagenet / 'train'}", f"data.val_path={imagenet / 'val'}",
-        f"train.output_dir={out}", "sections=[compare]", "compare.seeds=[0]", "compare.variants=[mae,rcmae_same]",
-        "compare.pretrain_overrides=[" + ",".join([*TINY_PRETRAIN, "knn.every_epochs=1", "checkpoint.keep=0"]) + "]")
+    run_here(analyze_tool, f"data.train_path={imagenet / 'train'}", f"data.val_path={imagenet / 'val'}",
+             f"train.output_dir={out}", "sections=[compare]", "compare.seeds=[0]",
+             "compare.variants=[mae,rcmae_same]",
+             "compare.pretrain_overrides=[" + ",".join([*TINY_PRETRAIN, "knn.every_epochs=1", "checkpoint.keep=0"])
+             + "]")
     cfg = read_checkpoint(find_last_checkpoint(out / "runs" / "rcmae_same_seed0")).raw["config"]
     assert cfg["data"]["path"] == str(imagenet / "train") and cfg["knn"]["val_path"] == str(imagenet / "val")
     assert cfg["optim"]["base_lr"] == 1.5e-4  # the ViT-B recipe the default names
@@ -74,9 +81,9 @@ def test_imagenet_command_and_the_probe_of_every_checkpoint_origin(tmp_path, ima
     files = {"ours": ours.path, "mae": tmp_path / "mae_full.pth", "rcmae": tmp_path / "rcmae_official.pth"}
     for name, path in files.items():
         probe_out = tmp_path / f"probe_{name}"
-        run("tools/analyze_teacher.py", "sections=[probe]", f"probe.checkpoint={path}",
-            f"probe.data_path={imagenet / 'train'}", "probe.trials=2", "probe.batch_size=4",
-            f"train.output_dir={probe_out}")
+        run_here(analyze_tool, "sections=[probe]", f"probe.checkpoint={path}",
+                 f"probe.data_path={imagenet / 'train'}", "probe.trials=2", "probe.batch_size=4",
+                 f"train.output_dir={probe_out}")
         probe = json.loads((probe_out / "analysis.json").read_text())["probe"]
         assert probe["checkpoint"] == str(path) and probe["trials"] == 2
         at_ckpt = probe["at_checkpoint"]["ratio_c_r"]["mean"]

@@ -1,11 +1,9 @@
 """rcmae.load_model on every advertised origin, and tools/visualize.py (MAE's demo figure)."""
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
-from fixtures import ROOT
+from fixtures import run_in_process
 from PIL import Image
 
 import rcmae
@@ -13,6 +11,7 @@ from rcmae.core import checkpoint as ck
 from rcmae.core.vit import build_classifier
 from rcmae.pretrain.models import build_mae, random_masking_ids
 from rcmae.pretrain.rcmae import RCMAE
+from rcmae.tools import visualize as visualize_tool
 
 
 def pretrained(tmp_path):
@@ -70,15 +69,13 @@ def test_visualize_tool_writes_the_demo_figure(tmp_path, imagenet):
     sizes = {}
     for name in ("ours", "mae_full"):
         out = tmp_path / f"{name}.png"
-        res = subprocess.run([sys.executable, str(ROOT / "tools" / "visualize.py"), str(tmp_path / f"{name}.pth"),
-                              *map(str, images), "--out", str(out)], capture_output=True, text=True, timeout=300)
+        res = run_in_process(visualize_tool, tmp_path / f"{name}.pth", *images, "--out", out)  # tools/visualize.py
         assert res.returncode == 0, res.stderr[-2000:]
         sizes[name] = Image.open(out).size
     assert sizes["ours"] == (4 * 2 * 80, 2 * 2 * 80) and sizes["mae_full"] == (3 * 2 * 80, 2 * 2 * 80)
     torch.save({"model": {k: v for k, v in student.state_dict().items() if not k.startswith(("decoder", "mask"))}},
                tmp_path / "encoder.pth")
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "visualize.py"), str(tmp_path / "encoder.pth"),
-                          str(images[0])], capture_output=True, text=True, timeout=300)
+    res = run_in_process(visualize_tool, tmp_path / "encoder.pth", images[0])
     assert res.returncode != 0 and "holds no decoder" in res.stderr and "Traceback" not in res.stderr
 
 

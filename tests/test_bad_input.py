@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import ROOT
+from fixtures import ROOT, run_in_process
 from PIL import Image
 from test_readme_commands import TINY_DOWNSTREAM, TINY_PRETRAIN
 
@@ -143,7 +143,8 @@ time.sleep(300)
 
 @pytest.mark.slow
 def test_a_second_run_on_one_output_directory_is_refused(tmp_path):
-    """Two real processes: the second start names the holder (host, pid, command) and leaves the first
+    """Two real processes (the holder, and this one starting ``python tools/pretrain.py``'s command line:
+    fixtures.run_in_process): the second start names the holder (host, pid, command) and leaves the first
     run's files alone (its half-written checkpoint included); once the holder is dead its lock is
     taken over."""
     out = tmp_path / "run"
@@ -153,8 +154,7 @@ def test_a_second_run_on_one_output_directory_is_refused(tmp_path):
         assert holder.stdout.readline().strip() == "holding", holder.stderr.read()
         writing = out / "checkpoint_00000004.pth.tmp"  # the holder's checkpoint being written
         writing.write_bytes(b"half")
-        res = subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain.py"), *SYNTHETIC,
-                              f"train.output_dir={out}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        res = run_in_process(pretrain_tool, *SYNTHETIC, f"train.output_dir={out}")  # this process: the second
         assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
         assert f"pid {holder.pid}" in res.stderr and "--marker" in res.stderr and os.uname().nodename in res.stderr
         assert writing.read_bytes() == b"half" and not (out / "metrics.jsonl").exists()

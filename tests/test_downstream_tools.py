@@ -1,24 +1,25 @@
 """Shipped downstream configs, the demo of each tool end to end, and the pretraining k-NN monitor."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from fixtures import ROOT, micro_config
+from fixtures import ROOT, micro_config, run_in_process
 
 from rcmae.core.config import load_config
 from rcmae.finetune import knn_tool
 from rcmae.finetune.defaults import KNN_TOOL_DEFAULTS
 from rcmae.pretrain.train import main as pretrain_main
+from rcmae.tools import finetune, knn, linprobe
 
 CONFIGS = ROOT / "configs"
+TOOLS = {"finetune.py": finetune, "linprobe.py": linprobe, "knn.py": knn}
 
 
 def run_tool(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    """``python tools/<name> ARGS``, in this process (fixtures.run_in_process): these tests are about what the
+    demos run and write; the command line's exit status is tests/test_bad_input.py's and test_cli.py's."""
+    return run_in_process(TOOLS[name], *args)
 
 
 @pytest.mark.slow

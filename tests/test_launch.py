@@ -10,18 +10,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import ROOT, micro_config
+from fixtures import ROOT, micro_config, run_in_process
 
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
 from rcmae.core.distributed import DistEnv, env_from_variables
 from rcmae.core.launcher import add_launch_args, launch
 from rcmae.pretrain.train import main
 from rcmae.tools import export_encoder as export_tool
+from rcmae.tools import pretrain as pretrain_tool
 
 
 def run_tool(*args, timeout=300):
+    """``python tools/pretrain.py ARGS`` in a process of its own, as a shell runs it."""
     return subprocess.run([sys.executable, str(ROOT / "tools" / "pretrain.py"), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def run_tool_here(*args):
+    """The same command line in this process (fixtures.run_in_process: status, stdout and stderr as a shell
+    would see them, an unexpected exception fails the test): what it checks, prints and runs."""
+    return run_in_process(pretrain_tool, *args)
 
 
 def test_rank_layout_from_torchrun_and_slurm_variables():
@@ -36,17 +44,17 @@ def test_rank_layout_from_torchrun_and_slurm_variables():
 
 
 def test_slurm_dry_run_prints_the_job(imagenet):
-    res = run_tool("--config-file", "configs/pretrain/rcmae_vit_base.yaml", "--slurm", "--nodes", "4",
-                   "--gpus-per-node", "8", "--partition", "gpu", "--timeout", "4320", "--dry-run",
-                   "--slurm-param", "exclusive=true", "--slurm-param", "reservation=big",
-                   f"data.path={imagenet / 'train'}", "train.micro_batch=64")
+    res = run_tool_here("--config-file", "configs/pretrain/rcmae_vit_base.yaml", "--slurm", "--nodes", "4",
+                        "--gpus-per-node", "8", "--partition", "gpu", "--timeout", "4320", "--dry-run",
+                        "--slurm-param", "exclusive=true", "--slurm-param", "reservation=big",
+                        f"data.path={imagenet / 'train'}", "train.micro_batch=64")
     assert res.returncode == 0, res.stderr
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --time=4320", "#SBATCH --signal=USR2@120",
                  "#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --reservation=big"):
         assert line in res.stdout.splitlines(), line
-    res = run_tool("--config-file", "configs/pretrain/rcmae_vit_base.yaml", "--slurm", "--mem-gb", "480",
-                   "--dry-run", f"data.path={imagenet / 'train'}")
+    res = run_tool_here("--config-file", "configs/pretrain/rcmae_vit_base.yaml", "--slurm", "--mem-gb", "480",
+                        "--dry-run", f"data.path={imagenet / 'train'}")
     assert "#SBATCH --mem=480GB" in res.stdout.splitlines(), res.stderr
 
 
@@ -62,7 +70,7 @@ def test_slurm_job_is_checked_before_submission(imagenet, args, message):
     (nodes x GPUs per node), before anything is submitted."""
     opts = [a for a in args if not a.startswith("--") and "=" in a]
     flags = [a for a in args if a not in opts]
-    res = run_tool("--slurm", "--dry-run", "--nodes", "4", *flags, f"data.path={imagenet / 'train'}", *opts)
+    res = run_tool_here("--slurm", "--dry-run", "--nodes", "4", *flags, f"data.path={imagenet / 'train'}", *opts)
     assert res.returncode != 0 and message in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and "sbatch" not in res.stdout
 
@@ -75,8 +83,8 @@ def test_unknown_key_on_the_command_line_is_a_clear_error():
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
-    res = run_tool("--config-file", "configs/pretrain/demo.yaml", "data.source=folder",
-                   f"data.path={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'out'}")
+    res = run_tool_here("--config-file", "configs/pretrain/demo.yaml", "data.source=folder",
+                        f"data.path={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'out'}")
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert f"data.path: image folder {tmp_path / 'nope'} does not exist" in res.stderr
 
@@ -119,7 +127,8 @@ def launcher_args(argv):
 
 @pytest.mark.slow
 def test_demo_cli_end_to_end_and_export(tmp_path):
-    res = run_tool("--demo", "optim.epochs=4", f"train.output_dir={tmp_path / 'demo'}", "log.recon_every_epochs=2")
+    res = run_tool_here("--demo", "optim.epochs=4", f"train.output_dir={tmp_path / 'demo'}",
+                        "log.recon_every_epochs=2")
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "demo"
     for name in ("checkpoint_00000032.pth", "encoder_teacher.pth", "metrics.jsonl", "config.yaml",

@@ -9,9 +9,12 @@ import sys
 import pytest
 import timm
 import torch
-from fixtures import ROOT
+from fixtures import ROOT, run_in_process
 
 from rcmae.core.checkpoint import find_last_checkpoint, read_checkpoint
+from rcmae.tools import export_encoder as export_tool
+from rcmae.tools import finetune as finetune_tool
+from rcmae.tools import pretrain as pretrain_tool
 
 # model and schedule shrunk; everything else is the recipe the command names
 TINY_PRETRAIN = ["model.arch=vit_micro_patch8", "model.img_size=32", "model.decoder_dim=32", "model.decoder_depth=1",
@@ -23,6 +26,7 @@ TINY_DOWNSTREAM = ["model.arch=vit_micro_patch8", "model.img_size=32", "optim.ba
 
 
 def run(*args, torchrun=False, timeout=600):
+    """The command in a process of its own, as a user runs it (torchrun, and the one process it is compared with)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                 "--master-port", str(29500 + os.getpid() % 1000)] if torchrun else [sys.executable]
@@ -32,11 +36,19 @@ def run(*args, torchrun=False, timeout=600):
     return res
 
 
+def run_here(tool, *args):
+    """:func:`run` of ``tools/<tool>.py`` in this process (fixtures.run_in_process): for what needs no
+    process of its own."""
+    res = run_in_process(tool, *args)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, imagenet):
     """A pretraining run of the default recipe (RC-MAE ViT-B/16, shrunk) on the miniature."""
     out = tmp_path_factory.mktemp("pretrain")
-    run("tools/pretrain.py", f"data.path={imagenet / 'train'}", f"train.output_dir={out}", *TINY_PRETRAIN)
+    run_here(pretrain_tool, f"data.path={imagenet / 'train'}", f"train.output_dir={out}", *TINY_PRETRAIN)
     return out
 
 
@@ -61,9 +73,10 @@ def test_finetune_from_every_checkpoint_origin(tmp_path, pretrained, imagenet):
     heads = {}
     for origin, path in official_files(pretrained, tmp_path).items():
         out = tmp_path / f"ft_{origin}"
-        run("tools/finetune.py", "--config-file", "configs/finetune/rcmae_vit_base.yaml", f"init.checkpoint={path}",
-            f"data.train_path={imagenet / 'train'}", f"data.val_path={imagenet / 'val'}", f"train.output_dir={out}",
-            *TINY_DOWNSTREAM, *(["init.which=auto"] if origin in ("mae", "timm") else []))
+        run_here(finetune_tool, "--config-file", "configs/finetune/rcmae_vit_base.yaml", f"init.checkpoint={path}",
+                 f"data.train_path={imagenet / 'train'}", f"data.val_path={imagenet / 'val'}",
+                 f"train.output_dir={out}", *TINY_DOWNSTREAM,
+                 *(["init.which=auto"] if origin in ("mae", "timm") else []))
         best = torch.load(out / "classifier_best.pth", weights_only=True)
         assert best["eval"]["n"] == 16 and best["num_classes"] == 4
         heads[origin] = best["model"]["head.weight"]
@@ -87,8 +100,8 @@ def test_knn_under_torchrun_equals_one_process(tmp_path, pretrained, imagenet):
 def test_export_commands(tmp_path, pretrained):
     """``python tools/export_encoder.py CKPT encoder.pth`` and, for an official MAE file, ``--which student``."""
     files = official_files(pretrained, tmp_path)
-    run("tools/export_encoder.py", files["ours"], tmp_path / "encoder.pth")
-    run("tools/export_encoder.py", files["mae"], tmp_path / "mae_encoder.pth", "--which", "student")
+    run_here(export_tool, files["ours"], tmp_path / "encoder.pth")
+    run_here(export_tool, files["mae"], tmp_path / "mae_encoder.pth", "--which", "student")
     ours, mae = (timm.create_model(f"local-dir:{tmp_path / n}", pretrained=True) for n in ("encoder", "mae_encoder"))
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ours.forward_features(x), mae.forward_features(x))  # the teacher, both ways

@@ -2,15 +2,13 @@
 ones (ImageNet val and Sketch: <wnid>/; ImageNet-C: <corruption>/<severity>/<wnid>/, 224 x 224 JPEGs;
 ImageNet-A: <wnid>/ of its 200 classes), with classifiers of every advertised origin."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import timm
 import timm.data
 import torch
-from fixtures import ROOT, make_benchmarks
+from fixtures import make_benchmarks, run_in_process
 from PIL import Image
 
 from rcmae.core import checkpoint as ck
@@ -20,6 +18,7 @@ from rcmae.core.errors import ConfigError
 from rcmae.core.vit import build_classifier
 from rcmae.robustness.defaults import DEFAULTS
 from rcmae.robustness.evaluate import RESULTS, main
+from rcmae.tools import eval_robustness as eval_robustness_tool
 
 IN_A = ["n01498041", "n02123394"]  # stingray, Persian cat: ImageNet-A classes
 
@@ -38,8 +37,10 @@ def ours_classifier(path, img_size=32, num_classes=1000):
 
 
 def run_tool(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "eval_robustness.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    """``python tools/eval_robustness.py ARGS`` in this process (fixtures.run_in_process: status, stdout and
+    stderr as a shell would see them; an unexpected exception, where the command prints a traceback, fails
+    the test)."""
+    return run_in_process(eval_robustness_tool, *args)
 
 
 def cfg(out, *overrides):

@@ -145,7 +145,8 @@ class DefaultTrainer(TrainerBase):
         raise NotImplementedError
 
     def standard_hooks(self) -> tuple[HookBase, HookBase, HookBase]:
-        """Metrics, checkpoint, close: the job's own hooks go between the checkpoint and the close."""
+        """Metrics, checkpoint, close, in that order: a job's periodic work (evaluation, figures) goes between
+        the checkpoint and the close, a hook that measures the step itself (the gradient probe) before them."""
         return (PeriodicHook(lambda trainer: trainer.log_due(), lambda trainer: trainer.log_metrics()),
                 PeriodicHook(lambda trainer: trainer.checkpoint_due(), lambda trainer: trainer.save()),
                 FinallyHook(lambda trainer: (trainer.bar.close(), trainer.metrics.close())))

@@ -112,5 +112,3 @@ class TrainingProbe(HookBase):
             params = student_params(self.model)
             self.last_update = {n: params[n].detach() - w for n, w in self.weights_before.items()}
             self.weights_before = None
-
-

@@ -170,5 +170,3 @@ def mask_noise(seed: int, step: int, global_batch: int, num_patches: int, device
     g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
     shape = (2, global_batch, num_patches) if different_teacher_mask else (global_batch, num_patches)
     return torch.rand(shape, generator=g, device=device)
-
-

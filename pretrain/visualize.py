@@ -49,4 +49,3 @@ def save_reconstruction(model: RCMAE, imgs: torch.Tensor, noise: torch.Tensor, p
     if title:
         fig.suptitle(title)
     return save_figure(fig, path, dpi=80)
-

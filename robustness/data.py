@@ -73,5 +73,3 @@ def eval_set(root: str | Path, transform, what: str) -> SeededImages:
 def stored_transform(data_config: dict):
     """ImageNet-C as the benchmark stores it (224 x 224): tensor + normalisation, no resize."""
     return transforms.Compose([transforms.ToTensor(), transforms.Normalize(data_config["mean"], data_config["std"])])
-
-

@@ -92,5 +92,3 @@ def knn_evaluate(backbone, train_set, val_set, num_classes: int, device, amp_dty
         out.append(gather_in_order(*extract_features(backbone, loader, device, amp_dtype, knn["pool"])))
     (train_f, train_y), (val_f, val_y) = out
     return knn_classify(train_f, train_y, val_f, val_y, num_classes, knn["k"], knn["temperature"])
-
-

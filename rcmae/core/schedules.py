@@ -15,5 +15,3 @@ def lr_at(step: int, warmup_steps: int, total_steps: int, peak: float, min_lr: f
         return peak * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-

@@ -142,8 +142,6 @@ def eval_dataset(root: str | Path, label_space: str, img_size: int, crop_pct: fl
     return labelled_dataset(root, label_space, eval_transform(img_size, crop_pct), what)
 
 
-
-
 def pretrain_dataset(d: dict, img_size: int, out_dir: Path, is_main: bool) -> Dataset:
     """The pretraining set of a ``data`` section: synthetic images, or the images of
     :func:`~rcmae.core.data.readers.image_sources` under the ``data.pipeline`` augmentation."""

@@ -13,7 +13,6 @@ from rcmae.core.data.wnids import imagenet_wnids
 from rcmae.core.distributed import barrier
 from rcmae.core.errors import ConfigError, summarize_names
 
-
 LABEL_SPACES = ("folder", "imagenet1k")  # sorted folder index, or ImageNet-1k wnid index
 
 

@@ -105,7 +105,6 @@ def train_batches(dataset, micro_batch: int, accum: int, world: int, rank: int, 
                                          collate_fn=collate_fn)))
 
 
-
 class ShardSampler(Sampler):
     """``(index, 0)`` pairs of indices ``rank, rank + world, ...``: an uneven split, no duplicates."""
 

@@ -21,7 +21,6 @@ from rcmae.core.progress import progress as progress_bar
 log = logging.getLogger(__name__)
 
 
-
 def _member_info(name: str, size: int) -> tarfile.TarInfo:
     """A tar header that depends on the name and size alone, so the same images give byte-identical shards."""
     info = tarfile.TarInfo(name)

@@ -166,5 +166,3 @@ def _load_index(out_dir: str | Path) -> tuple[ShardMembers, list[int], list[str]
         if length < end:
             raise ShardError(f"{path}: shard is truncated: {length} bytes, its members reach byte {end}")
     return members, labels, classes
-
-

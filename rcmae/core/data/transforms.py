@@ -90,8 +90,6 @@ class FastRandomResizedCrop:
         return resize_crop(pixels, (top * sy, left * sx, h * sy, w * sx), self.size, flip)
 
 
-
-
 def eval_crop_pct(img_size: int, crop_pct: float | None = None) -> float:
     """``crop_pct`` when given, else MAE's rule (``util/datasets.py build_transform``): 224/256 up
     to 224 px, 1.0 (no crop margin) above."""
@@ -130,7 +128,6 @@ def pixel_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet mean / std in 0-255 units on ``device``, made once: a fresh ``torch.tensor(..., device=cuda)``
     every step would be a blocking host-to-device copy in the training step."""
     return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in (IMAGENET_MEAN, IMAGENET_STD))
-
 
 
 def classifier_train_transform(img_size: int, aug: dict, mode: str):

@@ -42,12 +42,14 @@ class COCOEval(COCOEvaluator):
         return results
 
 
-def write_results(results: dict, output_dir: str | Path, name: str) -> tuple[Path, Path]:
-    """``<name>.json`` (every number) and ``<name>.md`` (a readable table of the main APs)."""
+def write_results(results: dict, output_dir: str | Path, name: str, evaluated: dict | None = None
+                  ) -> tuple[Path, Path]:
+    """``<name>.json`` (every number, and ``evaluated``: what the numbers rest on) and ``<name>.md`` (a
+    readable table of the main APs)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     js = output_dir / f"{name}.json"
-    js.write_text(json.dumps(results, indent=2) + "\n")
+    js.write_text(json.dumps({**results, **({"evaluated": evaluated} if evaluated else {})}, indent=2) + "\n")
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     lines = ["| task | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for task in ("bbox", "segm"):

@@ -45,9 +45,11 @@ def register_datasets(cfg, extra: list[tuple[str, str, str]] = ()) -> None:
         register_coco(name, json_file, image_root)
 
 
-def do_test(cfg, model) -> dict:
+def do_test(cfg, model, iteration: int | None = None) -> dict:
     """COCO box and mask AP on the test set, each process evaluating its share of the images; every
-    process returns the results (detectron2 computes them on the main process only)."""
+    process returns the results (detectron2 computes them on the main process only). ``eval_results.json``
+    also says what was evaluated: the dataset, its image count, and after which training iteration
+    (of ``max_iter``; None for ``--eval-only``)."""
     names = cfg.dataloader.test.dataset.names
     loader = instantiate(cfg.dataloader.test)
     evaluator = COCOEval(names, output_dir=os.path.join(cfg.train.output_dir, "inference"),
@@ -55,7 +57,9 @@ def do_test(cfg, model) -> dict:
     results = inference_on_dataset(model, loader, evaluator)
     if comm.is_main_process():
         print_csv_format(results)
-        write_results(results, cfg.train.output_dir, "eval_results")
+        evaluated = {"dataset": names, "images": len(loader.dataset), "iteration": iteration,
+                     "max_iter": cfg.train.max_iter}
+        write_results(results, cfg.train.output_dir, "eval_results", evaluated)
     return comm.all_gather(results)[0]
 
 
@@ -121,7 +125,7 @@ def do_train(cfg, resume: bool) -> tuple[torch.nn.Module, dict]:
     def evaluate() -> dict:
         if stopper.signum is not None:  # stopped at the last iteration: the resumed run evaluates
             return {}
-        evaluations.append(do_test(cfg, model))
+        evaluations.append(do_test(cfg, model, min(trainer.iter + 1, cfg.train.max_iter)))
         return evaluations[-1]
 
     trainer.register_hooks([

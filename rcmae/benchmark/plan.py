@@ -281,8 +281,8 @@ def backbone_jobs(b: Backbone, s: Settings, preset: dict, preset_path: str, root
     def overrides(protocol: str, section: str) -> list[str]:
         return [*preset.get(section, {}).get("overrides", []), *s.overrides.get(protocol, [])]
 
-    def add(protocol: str, section: str, args: list[str], deps=(), inputs=None) -> Job:
-        job = Job(b.name, protocol, section, [*args, *overrides(protocol, section)], str(root / protocol),
+    def add(protocol: str, section: str, args: list[str], deps=(), inputs=None, last=()) -> Job:
+        job = Job(b.name, protocol, section, [*args, *overrides(protocol, section), *last], str(root / protocol),
                   list(deps), launch.job_slurm(preset.get(section, {}).get("slurm", {})), dict(inputs or {}))
         jobs.append(job)
         return job
@@ -308,10 +308,11 @@ def backbone_jobs(b: Backbone, s: Settings, preset: dict, preset_path: str, root
         config = recipe(preset, protocol, b, preset_path)
         args = [*(["--config-file", config] if config else []), *model, *init, *imagenet,
                 "--output-dir", str(root / protocol)]
+        fit = []  # after the overrides: the micro-batch that fits their batch on this job's processes
         if protocol != "knn":
             world = launch.world_size(launch.job_slurm(preset.get(protocol, {}).get("slurm", {})))
-            args += micro_batch(protocol, config, overrides(protocol, protocol), world)
-        add(protocol, protocol, args, deps, encoder_input)
+            fit = micro_batch(protocol, config, overrides(protocol, protocol), world)
+        add(protocol, protocol, args, deps, encoder_input, fit)
     if "detection" in s.protocols:
         section = f"detection_{s.detection}"
         config = recipe(preset, section, b, preset_path)

@@ -114,21 +114,22 @@ def pid_alive(pid) -> bool:
     return True
 
 
-def command(job: Job, launch: Launch, dependency: list[str] = ()) -> list[str]:
+def command(job: Job, launch: Launch, dependency: list[str] = (), flags: list[str] = ()) -> list[str]:
     """The job's command line: its tool's, spread over processes the way the tool does it, or submitted
-    with SLURM options (launcher options first: detection's config overrides end its command line)."""
+    with SLURM options. Options (the launcher's, ``flags``) come first: detection's config overrides end
+    its command line."""
     tool = [sys.executable, "-m", f"rcmae.tools.{job.tool}"]
     if job.protocol == "export":  # seconds of CPU work: always here, before anything that reads it
-        return [*tool, *job.args]
+        return [*tool, *flags, *job.args]
     if launch.launcher == "slurm":
-        return [*tool, *slurm_flags(job, dependency), *job.args]
+        return [*tool, *slurm_flags(job, dependency), *flags, *job.args]
     if launch.launcher == "torchrun" and launch.nproc > 1:
         if job.spread == "torchrun":
             return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                    str(launch.nproc), "-m", f"rcmae.tools.{job.tool}", *job.args]
+                    str(launch.nproc), "-m", f"rcmae.tools.{job.tool}", *flags, *job.args]
         if job.spread == "detectron2":
-            return [*tool, "--num-gpus", str(launch.nproc), *job.args]
-    return [*tool, *job.args]
+            return [*tool, "--num-gpus", str(launch.nproc), *flags, *job.args]
+    return [*tool, *flags, *job.args]
 
 
 def slurm_flags(job: Job, dependency: list[str]) -> list[str]:
@@ -140,8 +141,8 @@ def slurm_flags(job: Job, dependency: list[str]) -> list[str]:
             flags += [f"--{key.replace('_', '-')}", str(s[key])]
     for param in s.get("slurm_param", []):
         flags += ["--slurm-param", param]
-    if dependency:
-        flags += ["--slurm-param", "dependency=afterok:" + ":".join(dependency)]
+    if dependency:  # the tool's checks of what the dependencies write run again when the job starts
+        flags += ["--after", ":".join(dependency)]
     return flags
 
 

@@ -96,7 +96,7 @@ def check_jobs(jobs: list[Job], backbones: dict[str, Backbone], launch: Launch) 
         if not args:
             print(f"  -     {job.name}: {note}")
             continue
-        cmd = [*command(Job(**{**asdict(job), "args": args}), launch), "--dry-run"]
+        cmd = command(Job(**{**asdict(job), "args": args}), launch, flags=["--dry-run"])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode == 0:
             print(f"  ok    {job.name}: the tool's checks passed{note}")
@@ -186,25 +186,33 @@ def benchmark(specs: list[Backbone], s: Settings | None, launch: Launch | None, 
     return 1 if any(st.state in ("failed", "blocked") for st in states.values()) else 0
 
 
-def demo_inputs(root: Path) -> tuple[list[str], DataRoots]:
-    """The demo's backbones and data: the pretraining demo (run here first if its run is not finished)
-    and a random ViT-mini; ImageNet, COCO and the robustness sets in miniature, from scikit-image's
-    photos, laid out as the real ones."""
-    from rcmae.core.data.demo import build_demo_benchmarks, build_demo_labelled
+def build_demo_coco(root: Path) -> Path:
+    """COCO 2017's layout (``annotations/instances_{train,val}2017.json``, ``train2017/``, ``val2017/``)
+    around the coins set (4 views, every coin an instance with its mask); train = val."""
     from rcmae.detection.data import build_coins_dataset
-    from rcmae.robustness.imagenet_c import make_imagenet_c
 
-    data = root / "data"
-    imagenet = build_demo_labelled(data / "imagenet")
-    sets = build_demo_benchmarks(data / "robustness", make_imagenet_c)
-    coco = data / "coco"
+    coco = root / "coco"
     if not (coco / "annotations" / "instances_val2017.json").is_file():
-        json_file, images = build_coins_dataset(data / "coins")
+        json_file, images = build_coins_dataset(root / "coins")
         (coco / "annotations").mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
             (coco / f"{split}2017").unlink(missing_ok=True)
             (coco / f"{split}2017").symlink_to(images.resolve())
             (coco / "annotations" / f"instances_{split}2017.json").write_text(json_file.read_text())
+    return coco
+
+
+def demo_inputs(root: Path) -> tuple[list[str], DataRoots]:
+    """The demo's backbones and data: the pretraining demo (run here first if its run is not finished)
+    and a random ViT-mini; ImageNet, COCO and the robustness sets in miniature, from scikit-image's
+    photos, laid out as the real ones."""
+    from rcmae.core.data.demo import build_demo_benchmarks, build_demo_labelled
+    from rcmae.robustness.imagenet_c import make_imagenet_c
+
+    data = root / "data"
+    imagenet = build_demo_labelled(data / "imagenet")
+    sets = build_demo_benchmarks(data / "robustness", make_imagenet_c)
+    coco = build_demo_coco(data)
     pretrain = root / "pretrain"
     if not (pretrain / "encoder_teacher.pth").is_file():
         print(f"the demo benchmarks the pretraining demo's teacher: pretraining it first (about two minutes; "

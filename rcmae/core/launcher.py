@@ -63,6 +63,10 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
                         "more than a step and a checkpoint take")
     g.add_argument("--max-requeues", type=int, default=20,
                    help="requeues after a time limit (preemptions and requeues by SLURM are not counted)")
+    g.add_argument("--after", default=None, metavar="JOBID[:JOBID...]",
+                   help="with --slurm: start once these SLURM jobs have ended successfully (afterok). A check that "
+                        "fails now, on an input one of them is to write, is reported and runs again when the job "
+                        "starts")
     g.add_argument("--job-name", default=None)
     g.add_argument("--job-dir", default=None, help="submitit logs (default <output_dir>/submitit)")
 
@@ -152,6 +156,8 @@ def executor_parameters(args: argparse.Namespace, name: str) -> dict:
         if not sep or not key:
             raise ConfigError(f"--slurm-param {item!r} is not KEY=VALUE")
         extra[key.strip().replace("-", "_")] = True if value.lower() == "true" else value
+    if args.after:
+        extra["dependency"] = f"afterok:{args.after}"
     if extra:
         params["slurm_additional_parameters"] = extra
     return params
@@ -354,7 +360,13 @@ def run_cli(argv, *, defaults: dict, main: Entry, demo_config: str, name: str,
         # everything that can be checked fails now, before anything is written (and not after a queue wait)
         check_run_config(cfg)
         if preflight is not None:
-            resolve(preflight)(cfg, job_world_size(args))
+            try:
+                resolve(preflight)(cfg, job_world_size(args))
+            except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+                if not (args.slurm and args.after):
+                    raise
+                print(f"warning: {e}\n  The job starts after job(s) {args.after}, which may write what is missing; "
+                      "it runs these checks again when it starts.", file=sys.stderr)
         result = launch(main, cfg, args, name=name)
     except (ConfigError, CheckpointError, DataError, OutputDirInUseError, FileNotFoundError, *errors) as e:
         sys.exit(f"error: {e}")

@@ -13,8 +13,18 @@ import yaml
 
 from rcmae.benchmark.card import published_rows
 from rcmae.benchmark.collect import outcome
-from rcmae.benchmark.plan import (Backbone, DataRoots, Job, Launch, Settings, build_plan, check_settings,
-                                  load_preset, micro_batch, read_backbone)
+from rcmae.benchmark.plan import (
+    Backbone,
+    DataRoots,
+    Job,
+    Launch,
+    Settings,
+    build_plan,
+    check_settings,
+    load_preset,
+    micro_batch,
+    read_backbone,
+)
 from rcmae.benchmark.runner import add_attempt, command, job_state
 from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.vit import build_classifier
@@ -42,6 +52,9 @@ def test_backbones_of_every_origin_read_their_architecture(tmp_path):
     assert read_backbone(f"m={mae}") == Backbone("m", str(mae), "vit_micro_patch8", 32, "MAE-format")
     assert read_backbone(str(timm_sd)).name == "timm" and read_backbone(str(timm_sd)).origin == "timm state dict"
     assert read_backbone(str(rcmae)).origin == "official RC-MAE, teacher weights"
+    exported = vit_file(tmp_path / "enc.pth", wrap=lambda sd: {"model": sd, "meta": {"which": "teacher",
+                                                                                     "source": "ours", "from": "c.pth"}})
+    assert read_backbone(str(exported)).origin == "exported encoder (teacher weights of ours c.pth)"
     assert read_backbone("r=random:vit_base_patch16") == Backbone("r", None, "vit_base_patch16", 224,
                                                                   "random initialisation")
     assert read_backbone("random:vit_mini_patch8@64").img_size == 64

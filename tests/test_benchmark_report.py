@@ -180,7 +180,8 @@ def test_cost_figures_and_jobs_sections(written):
     teacher, student = cost[2], cost[3]
     assert teacher[1] == "[85.8](teacher/cost/log.txt)"
     assert "1,234.5" in teacher[3] and "batch 64, bf16" in teacher[3]
-    assert "<sub>fvcore, one multiply-add = one FLOP</sub>" in teacher[2]
+    assert teacher[2] == "[17.6](teacher/cost/log.txt)"
+    assert "FLOPs: fvcore, one multiply-add = one FLOP." in markdown.split("## Cost", 1)[1]
     assert teacher[4] == "[3.2](teacher/cost/log.txt) <sub>cuda max_memory_allocated</sub>"
     assert student[1:5] == ["queued"] * 4 and student[5] == "—"
     assert "![Pretraining: loss and k-NN top-1 per step](figures/pretraining.png)" in markdown

@@ -16,7 +16,6 @@ import pytest
 import yaml
 from fixtures import ROOT, make_benchmarks, make_imagenet, micro_config, run_in_process
 
-from rcmae.benchmark.runner import read_record
 from rcmae.benchmark.suite import build_demo_coco
 from rcmae.tools import benchmark as tool
 
@@ -61,7 +60,8 @@ def inputs(tmp_path_factory):
 
 
 def attempts(out: Path) -> dict[str, int]:
-    return {f"{d.parent.name}/{d.name}": len(read_record_of(d)) for d in out.glob("*/*") if (d / "benchmark_job.json").is_file()}
+    return {f"{d.parent.name}/{d.name}": len(read_record_of(d)) for d in out.glob("*/*")
+            if (d / "benchmark_job.json").is_file()}
 
 
 def read_record_of(job_dir: Path) -> list[dict]:
@@ -154,6 +154,24 @@ def test_dry_run_checks_every_job_and_writes_nothing(tmp_path, inputs):
     bad = run_in_process(tool, f"teacher={run}", *args, "--output", out, "--dry-run", "--protocols", "finetune",
                          "--override", "finetune:optim.epochs=0")
     assert bad.returncode == 1 and "FAIL  teacher/finetune: error: optim.epochs" in bad.stdout and not out.exists()
+
+
+def test_under_torchrun_each_job_runs_on_two_processes(tmp_path, inputs):
+    """--launcher torchrun: the classifier jobs on 2 gloo processes each (the batch split, accumulation kept),
+    the cost measurement on one."""
+    run, args = inputs
+    out = tmp_path / "bench"
+    res = run_in_process(tool, f"teacher={run}", *args, "--output", out, "--protocols", "knn,linprobe",
+                         "--launcher", "torchrun", "--nproc-per-node", "2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for protocol in ("knn", "linprobe"):
+        (start,) = [json.loads(line) for line in (out / "teacher" / protocol / "runs.jsonl").read_text().splitlines()]
+        assert start["world_size"] == 2
+        assert read_record_of(out / "teacher" / protocol)[-1]["command"][1:3] == ["-m", "torch.distributed.run"]
+    assert "train.micro_batch=4" in read_record_of(out / "teacher/linprobe")[-1]["command"]  # 8 = 2 x 4
+    assert read_record_of(out / "teacher/cost")[-1]["command"][1:3] == ["-m", "rcmae.tools.measure_cost"]
+    cells = json.loads((out / "report.json").read_text())["rows"][0]["cells"]
+    assert cells["knn_top1"]["images"] == cells["linprobe_top1"]["images"] == 16  # every image once, 2 shares
 
 
 def test_on_slurm_dependencies_hold_and_an_interrupted_job_resumes(slurm, tmp_path, inputs):

@@ -9,7 +9,7 @@ from rcmae.core.config import ConfigError, load_config
 from rcmae.pretrain.defaults import DEFAULTS
 
 TOOLS = ["pretrain", "finetune", "linprobe", "knn", "eval_robustness", "export_encoder", "make_imagenet_c",
-         "visualize", "train_det", "analyze_teacher"]
+         "visualize", "train_det", "analyze_teacher", "measure_cost", "benchmark"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)

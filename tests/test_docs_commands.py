@@ -15,6 +15,8 @@ The rewrites, the same for every command (:func:`rehearsal`):
   where the docs say 8 (gloo on CPU), after a ``--dry-run`` at the world size written (torchrun's variables)
   so that the 2 processes cannot hide a batch that does not split; a tool called without arguments is called
   with ``--demo``, its documented equivalent; a command the docs give twice runs once;
+- a benchmark of the miniature's backbones (ViT-mini: no published recipe has its size) takes the demo
+  preset's recipes where the docs name ``--preset paper`` or ``quick``;
 - a command that needs CUDA runs only where there is a GPU.
 """
 from __future__ import annotations
@@ -89,6 +91,12 @@ SHRINK = {
                                           "--steps", "2", "--warmup", "1", "--decoder-dim", "32",
                                           "--decoder-depth", "1", "--decoder-heads", "2", "--workers", "1"],
     "benchmarks/data_throughput.py": ["--images", "32", "--rounds", "1", "--workers", "1", "--quality-samples", "4"],
+    "tools/measure_cost.py": ["--batch-size", "4", "--iters", "1"],
+    "tools/benchmark.py": [f"--override={job}:{o}" for job, o in (
+        ("finetune", "optim.epochs=1"), ("linprobe", "optim.epochs=1"), ("cost", "cost.iters=1"),
+        ("detection", "train.max_iter=4"), ("detection", "train.eval_period=4"),
+        ("detection", "lr_multiplier.scheduler.milestones=[2,3]"),
+        ("detection", "lr_multiplier.scheduler.num_updates=4"))],
 }
 SHRINK["tools/linprobe.py"] = SHRINK["tools/finetune.py"]
 SHRINK["tools/analyze_teacher.py"].append("compare.pretrain_overrides=[" + ",".join(
@@ -323,6 +331,8 @@ def rehearsal(commands: list[Command], index: int, ws: Path) -> list[tuple[list[
         else:
             out.append(token)
     tokens = [placeholder_path(t, ws) for t in out]
+    if script == "tools/benchmark.py" and "--preset" in tokens:
+        tokens[tokens.index("--preset") + 1] = "demo"
     k = tokens.index(script)
     dry = "--slurm" in tokens or "--dry-run" in tokens or (
         script == "tools/train_det.py" and any(FULL_SIZE_DETECTION.search(t) for t in tokens))

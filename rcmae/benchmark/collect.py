@@ -114,8 +114,8 @@ def read_detection(d: Path, job: Job) -> Outcome:
     out.cells = {f"coco_{kind}_ap_{protocol}": cell(finite(result[task]["AP"]), ev["images"], note,
                                                     partial=not out.done)
                  for kind, task in (("box", "bbox"), ("mask", "segm")) if task in result}
-    out.figures = {("box" if task == "bbox" else "mask"): {k: finite(result[task].get(k)) for k in ("APs", "APm", "APl")}
-                   for task in ("bbox", "segm") if task in result}
+    out.figures = {kind: {k: finite(result[task].get(k)) for k in ("APs", "APm", "APl")}
+                   for kind, task in (("box", "bbox"), ("mask", "segm")) if task in result}
     return out
 
 

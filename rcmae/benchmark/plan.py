@@ -101,6 +101,9 @@ def checkpoint_arch(path: Path) -> tuple[str, int, str]:
         arch, img_size = infer_arch({k: v for k, v in sd.items() if is_encoder_key(k)}, str(path))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    meta = ckpt.raw.get("meta") if isinstance(ckpt.raw.get("meta"), dict) else {}
+    if "which" in meta:  # written by tools/export_encoder.py
+        return arch, img_size, f"exported encoder ({meta['which']} weights of {meta.get('source')} {meta.get('from')})"
     origin = {"ours": "ours (pretraining)", "rcmae": "official RC-MAE", "mae": "MAE-format",
               "timm": "timm state dict", "ours-classifier": "our classifier"}[ckpt.source]
     return arch, img_size, f"{origin}, {which} weights" if ckpt.source in ("ours", "rcmae") else origin

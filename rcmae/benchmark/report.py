@@ -215,8 +215,9 @@ def status_span(status: str, log: str | None) -> Span:
 
 
 def number(value) -> str:
-    """A number as measured, to two decimals at most, with thousands separators."""
-    return f"{round(value, 2):,}"
+    """A number as measured, to two decimals at most (three significant digits below 1: a micro model's
+    GFLOPs), with thousands separators."""
+    return f"{float(f'{value:.3g}'):,}" if abs(value) < 1 else f"{round(value, 2):,}"
 
 
 def cell_notes(rows: list[dict], columns: list[dict]) -> list[list[Span]]:
@@ -253,11 +254,13 @@ def cost_blocks(costs: list[dict]) -> list[tuple]:
     header = ["backbone", "params (M)", "GFLOPs / image", "throughput (img/s)", "peak memory (GiB)", "device"]
     rows = [[Span(c["backbone"], style="strong"),
              measure(c, "params_m"),
-             measure(c, "gflops_per_image", c.get("flops_counting")),
+             measure(c, "gflops_per_image"),
              measure(c, "throughput_img_per_s", batch_and_precision(c)),
              measure(c, "peak_memory_gib", c.get("memory_kind")),
              Span(c.get("device") or "—")] for c in costs]
-    return [("h", 2, "Cost"), ("table", Table(header, [False, True, True, True, True, False], rows))]
+    counting = next((c["flops_counting"] for c in costs if c.get("flops_counting")), None)
+    return [("h", 2, "Cost"), ("table", Table(header, [False, True, True, True, True, False], rows)),
+            *([("p", [Span(f"FLOPs: {counting}.")])] if counting else [])]
 
 
 def batch_and_precision(cost: dict) -> str:

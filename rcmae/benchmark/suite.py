@@ -42,8 +42,9 @@ def merge(out: Path, backbones: list[Backbone], s: Settings) -> list[Backbone]:
     before = Settings.from_json(saved["settings"])
     if before != s:
         diff = {k: (v, getattr(s, k)) for k, v in vars(before).items() if getattr(s, k) != v}
-        raise ConfigError(f"{out} holds a benchmark with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
-                          "use another --output, or the same settings to add backbones to it")
+        diff = "; ".join(f"{k}: {a} there, {b} now" for k, (a, b) in diff.items())
+        raise ConfigError(f"{out} holds a benchmark with other settings ({diff}); use another --output, or the "
+                          "same settings to add backbones to it")
     known = {b["name"]: Backbone(**b) for b in saved["backbones"]}
     for b in backbones:
         if b.name in known and known[b.name].checkpoint != b.checkpoint:
@@ -203,9 +204,9 @@ def build_demo_coco(root: Path) -> Path:
 
 
 def demo_inputs(root: Path) -> tuple[list[str], DataRoots]:
-    """The demo's backbones and data: the pretraining demo (run here first if its run is not finished)
-    and a random ViT-mini; ImageNet, COCO and the robustness sets in miniature, from scikit-image's
-    photos, laid out as the real ones."""
+    """The demo's backbones and data: the pretraining demo's teacher (``output/demo_pretrain``; the demo
+    runs first if it has not finished) and a random ViT-mini; ImageNet, COCO and the robustness sets in
+    miniature, from scikit-image's photos, laid out as the real ones."""
     from rcmae.core.data.demo import build_demo_benchmarks, build_demo_labelled
     from rcmae.robustness.imagenet_c import make_imagenet_c
 
@@ -213,12 +214,11 @@ def demo_inputs(root: Path) -> tuple[list[str], DataRoots]:
     imagenet = build_demo_labelled(data / "imagenet")
     sets = build_demo_benchmarks(data / "robustness", make_imagenet_c)
     coco = build_demo_coco(data)
-    pretrain = root / "pretrain"
-    if not (pretrain / "encoder_teacher.pth").is_file():
-        print(f"the demo benchmarks the pretraining demo's teacher: pretraining it first (about two minutes; "
-              f"log in {pretrain / 'log.txt'})")
-        run = subprocess.run([sys.executable, "-m", "rcmae.tools.pretrain", "--demo", "--output-dir", str(pretrain)],
-                             stdout=subprocess.DEVNULL)
+    pretrain = Path("output/demo_pretrain")  # the pretraining demo's own folder (python tools/pretrain.py)
+    if not (pretrain / "encoder_teacher.pth").is_file():  # written at its end
+        print(f"the demo benchmarks the pretraining demo's teacher: running the pretraining demo first (about two "
+              f"minutes; log in {pretrain / 'log.txt'})")
+        run = subprocess.run([sys.executable, "-m", "rcmae.tools.pretrain"], stdout=subprocess.DEVNULL)
         if run.returncode != 0:
             raise ConfigError(f"the pretraining demo failed (exit status {run.returncode}): see {pretrain / 'log.txt'}")
     roots = DataRoots(imagenet=str(imagenet), coco=str(coco), imagenet_c=str(sets["imagenet_c"]),

@@ -9,6 +9,7 @@ user's YAML) names each protocol's recipe by ViT size, its overrides and its sha
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,14 +74,19 @@ def read_backbone(spec: str) -> Backbone:
         if last is None:
             raise ConfigError(f"backbone {spec!r}: {path} is a folder without a last_checkpoint pointer: pass a "
                               "pretraining run directory or a checkpoint file")
-        run_dir, name = str(path.resolve()), name or path.resolve().name
+        run_dir, name = absolute(path), name or Path(absolute(path)).name
         path = last
     elif not path.is_file():
         raise ConfigError(f"backbone {spec!r}: {path} does not exist")
     elif (path.parent / "metrics.jsonl").is_file() and (path.parent / "last_checkpoint").is_file():
-        run_dir = str(path.parent.resolve())  # a checkpoint inside its pretraining run: the curves are known
+        run_dir = absolute(path.parent)  # a checkpoint inside its pretraining run: the curves are known
     arch, img_size, origin = checkpoint_arch(path)
-    return Backbone(check_name(name or path.stem, spec), str(path.resolve()), arch, img_size, origin, run_dir)
+    return Backbone(check_name(name or path.stem, spec), absolute(path), arch, img_size, origin, run_dir)
+
+
+def absolute(path: str | Path) -> str:
+    """An absolute path as the user named it (symbolic links kept: the commands show the user's paths)."""
+    return os.path.abspath(Path(path).expanduser())
 
 
 def check_name(name: str, spec: str) -> str:
@@ -122,7 +128,7 @@ class DataRoots:
     imagenet_sketch: str | None = None
 
     def resolved(self) -> DataRoots:
-        return DataRoots(**{k: str(Path(v).expanduser().resolve()) if v else None for k, v in asdict(self).items()})
+        return DataRoots(**{k: absolute(v) if v else None for k, v in asdict(self).items()})
 
     @property
     def robustness(self) -> dict[str, str]:

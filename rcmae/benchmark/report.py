@@ -55,7 +55,8 @@ table { border-collapse: collapse; margin: .6em 0; }
 th, td { border: 1px solid #d0d7de; padding: .35em .7em; vertical-align: top; }
 th { background: #eaeef2; text-align: left; }
 tbody tr:nth-child(even) { background: #f6f8fa; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { white-space: nowrap; } th.num { min-width: 5.5em; }  /* the headers wrap, the numbers never */
 sub, sup { color: #59636e; }
 a { color: #0969da; text-decoration: none; } a:hover { text-decoration: underline; }
 pre { background: #f6f8fa; padding: .8em; overflow-x: auto; white-space: pre-wrap; word-break: break-all; }

@@ -16,7 +16,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rcmae.benchmark.card import report_card
-from rcmae.benchmark.plan import Backbone, DataRoots, Job, Launch, Settings, build_plan, check_settings, load_preset
+from rcmae.benchmark.plan import (
+    Backbone,
+    DataRoots,
+    Job,
+    Launch,
+    Settings,
+    absolute,
+    build_plan,
+    check_settings,
+    load_preset,
+)
 from rcmae.benchmark.runner import STATES, JobState, command, job_state, run_plan
 from rcmae.core.errors import ConfigError
 
@@ -120,7 +130,7 @@ def resources(job: Job, launch: Launch) -> str:
 def print_plan(backbones: list[Backbone], jobs: list[Job], s: Settings, launch: Launch, out: Path) -> None:
     preset_path, _ = load_preset(s.preset)
     print(f"benchmark plan: {len(backbones)} backbone(s) x {', '.join(s.protocols)} (detection: {s.detection}); "
-          f"preset {s.preset} ({preset_path}); launcher {launch.launcher}; output {out.resolve()}")
+          f"preset {s.preset} ({preset_path}); launcher {launch.launcher}; output {out}")
     print("backbones:")
     for b in backbones:
         print(f"  {b.name:12s} {b.arch} {b.img_size} px, {b.origin}: {b.checkpoint or '-'}"
@@ -156,7 +166,7 @@ def benchmark(specs: list[Backbone], s: Settings | None, launch: Launch | None, 
               status=False, report_only=False, cmd: str = "") -> int:
     """Plan, check and run (or submit) the benchmark in ``out``; with ``status`` / ``report_only`` only
     show or rewrite what is there. Returns the exit status: 1 when a job failed or is blocked."""
-    out = out.resolve()
+    out = Path(absolute(out))
     saved = load_benchmark(out)
     if status or report_only:
         if saved is None:

@@ -127,6 +127,12 @@ def test_the_recipes_effective_batch_is_kept_on_any_world_size():
     assert micro_batch("finetune", "finetune/rcmae_vit_base.yaml", [], 32) == ["train.micro_batch=32"]
     assert micro_batch("finetune", "finetune/rcmae_vit_base.yaml", [], 16) == ["train.micro_batch=64"]  # 1024 / 16
     assert micro_batch("linprobe", "linprobe/vit_base.yaml", [], 32) == []
+    # mixup / cutmix mix pairs: 144 over 8 processes at most 9 each takes 6 (9 is odd), 9 without them
+    nine = ["optim.batch_size=144", "train.micro_batch=9"]
+    assert micro_batch("finetune", "finetune/demo.yaml", nine, 8) == ["train.micro_batch=6"]
+    assert micro_batch("finetune", "finetune/demo.yaml", [*nine, "aug.mixup=0", "aug.cutmix=0"], 8) == []
+    with pytest.raises(ConfigError, match="does not split over 32 processes"):
+        micro_batch("finetune", "finetune/demo.yaml", ["optim.batch_size=96"], 32)  # 3 each: odd, mixup on
     with pytest.raises(ConfigError, match="does not split over 3 processes"):
         micro_batch("finetune", "finetune/rcmae_vit_base.yaml", ["optim.batch_size=1000"], 3)
 

@@ -288,3 +288,16 @@ def test_pre_run_checks_accept_the_configs(name, coins, tmp_path):
         with pytest.raises(ConfigError, match="the config has no key model.roi_heads.box_predictor.test_score_thresh"):
             load_config(str(path), ["model.roi_heads.box_predictor.test_score_thresh=0.1"])
         load_config(str(path), ["model.roi_heads.box_predictors.2.test_score_thresh=0.1"])
+
+
+def test_the_quick_vitdet_schedule_is_a_quarter_of_the_100_epochs():
+    """The benchmark's quick preset: max_iter / 4, the lr steps at upstream's fractions of it (163889 and
+    177546 of 184375), the 250-iteration warmup; everything else the 100-epoch config's."""
+    quick, full = load_cfg("mask_rcnn_vitdet_b_25ep"), load_cfg("mask_rcnn_vitdet_b_100ep")
+    assert quick.train.max_iter == 46093 == quick.lr_multiplier.scheduler.num_updates
+    assert list(quick.lr_multiplier.scheduler.milestones) == [40972, 44386]
+    assert round(quick.lr_multiplier.warmup_length * quick.train.max_iter) == 250
+    schedule = ("train.max_iter", "train.output_dir", "lr_multiplier.scheduler.milestones",
+                "lr_multiplier.scheduler.num_updates", "lr_multiplier.warmup_length")
+    keep = lambda d: {k: v for k, v in d.items() if k not in schedule}  # noqa: E731
+    assert keep(flat(quick)) == keep(flat(full))

@@ -16,7 +16,8 @@ The rewrites, the same for every command (:func:`rehearsal`):
   so that the 2 processes cannot hide a batch that does not split; a tool called without arguments is called
   with ``--demo``, its documented equivalent; a command the docs give twice runs once;
 - a benchmark of the miniature's backbones (ViT-mini: no published recipe has its size) takes the demo
-  preset's recipes where the docs name ``--preset paper`` or ``quick``;
+  recipes where the docs name ``--preset paper`` or ``quick``, with batches that split over the processes
+  the docs name (:data:`MINI_PRESET`);
 - a command that needs CUDA runs only where there is a GPU.
 """
 from __future__ import annotations
@@ -101,6 +102,17 @@ SHRINK = {
 SHRINK["tools/linprobe.py"] = SHRINK["tools/finetune.py"]
 SHRINK["tools/analyze_teacher.py"].append("compare.pretrain_overrides=[" + ",".join(
     [*SHRINK["tools/pretrain.py"], "log.every_steps=1", "checkpoint.every_epochs=1", "knn.every_epochs=1"]) + "]")
+# the benchmark's recipes for the miniature's ViT-mini: the demo configs, batches that split over 4 x 8 processes
+MINI_PRESET = {
+    "cost": {"overrides": ["cost.batch_size=4", "cost.iters=1"]},
+    "knn": {"config": "knn/demo.yaml", "overrides": ["data.source=folder"]},
+    **{p: {"config": f"{p}/demo.yaml", "overrides": ["data.source=folder", "optim.batch_size=64"]}
+       for p in ("linprobe", "finetune")},
+    "detection_vitdet": {"config": "detection/demo_tiny.py", "overrides": ["dataloader.train.total_batch_size=32"]},
+    "detection_paper": {"config": "detection/benchmarking_demo_tiny.py",
+                        "overrides": ["dataloader.train.total_batch_size=32"]},
+    "robustness": {"overrides": ["data.imagenet_c_resize=true"]},
+}
 # only where a full-size model cannot run on 2 CPU cores in seconds: every check, no training
 FULL_SIZE_DETECTION = re.compile(r"^(configs/)?detection/(?!demo_tiny)")
 
@@ -332,7 +344,9 @@ def rehearsal(commands: list[Command], index: int, ws: Path) -> list[tuple[list[
             out.append(token)
     tokens = [placeholder_path(t, ws) for t in out]
     if script == "tools/benchmark.py" and "--preset" in tokens:
-        tokens[tokens.index("--preset") + 1] = "demo"
+        preset = ws / "benchmark_mini.yaml"
+        preset.write_text(yaml.safe_dump(MINI_PRESET))
+        tokens[tokens.index("--preset") + 1] = str(preset)
     k = tokens.index(script)
     dry = "--slurm" in tokens or "--dry-run" in tokens or (
         script == "tools/train_det.py" and any(FULL_SIZE_DETECTION.search(t) for t in tokens))

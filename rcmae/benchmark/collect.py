@@ -61,7 +61,10 @@ def read_export(d: Path, job: Job) -> Outcome:
 
 def read_cost(d: Path, job: Job) -> Outcome:
     result = read_json(d / "cost.json")
-    return Outcome(done=result is not None, started=result is not None, result=result or {})
+    if result is None:
+        return Outcome()
+    progress = f"{result['gflops_per_image']:.4g} GFLOPs, {result['throughput_img_per_s']:.1f} img/s ({result['device']})"
+    return Outcome(done=True, started=True, progress=progress, result=result)
 
 
 def read_knn(d: Path, job: Job) -> Outcome:

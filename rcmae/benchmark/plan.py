@@ -14,9 +14,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
-from rcmae.core.config import config_path
+from rcmae.core.config import config_path, read_sections
 from rcmae.core.errors import CheckpointError, ConfigError
 
 PROTOCOLS = ("knn", "linprobe", "finetune", "detection", "robustness")
@@ -177,12 +175,7 @@ def load_preset(name: str) -> tuple[str, dict]:
             path = config_path(f"benchmark/{name}.yaml")
         except ConfigError:
             raise ConfigError(f"--preset {name}: neither a file nor a shipped preset (paper, quick, demo)") from None
-    try:
-        preset = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(preset, dict):
-        raise ConfigError(f"{path}: a preset is a mapping of sections ({', '.join(PRESET_SECTIONS)})")
+    preset = read_sections(path)
     for section, entry in preset.items():
         where = f"{path}: {section}"
         if section not in PRESET_SECTIONS:
@@ -346,16 +339,18 @@ def backbone_jobs(b: Backbone, s: Settings, preset: dict, preset_path: str, root
 def micro_batch(protocol: str, config: str | None, overrides: list[str], world: int) -> list[str]:
     """``train.micro_batch`` that keeps the recipe's effective batch on ``world`` processes: the recipe's
     micro-batch, or the largest smaller one with which the batch splits evenly (accumulation makes up
-    the rest), so that the same preset runs on 8 GPUs or 32."""
+    the rest; even under mixup / cutmix), so that the same preset runs on 8 GPUs or 32."""
     from rcmae.core.config import load_config
     from rcmae.finetune.defaults import DEFAULTS, LINPROBE_DEFAULTS
 
     defaults = LINPROBE_DEFAULTS if protocol == "linprobe" else DEFAULTS
     cfg = load_config(defaults, config_path(config) if config else None, overrides)
     batch, micro = cfg["optim"]["batch_size"], cfg["train"]["micro_batch"]
-    if batch % (micro * world) == 0:
+    pairs = cfg["aug"]["mixup"] > 0 or cfg["aug"]["cutmix"] > 0  # timm's Mixup mixes pairs: an even micro-batch
+    fits = [m for m in range(min(micro, batch // world), 0, -1)
+            if batch % (m * world) == 0 and not (pairs and m % 2)]
+    if fits and fits[0] == micro:
         return []
-    fits = [m for m in range(min(micro, batch // world), 0, -1) if batch % (m * world) == 0]
     if not fits:
         raise ConfigError(f"{protocol}: optim.batch_size={batch} does not split over {world} processes; "
                           f"choose a world size that divides it, or --override {protocol}:optim.batch_size=...")

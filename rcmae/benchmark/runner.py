@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from rcmae.benchmark.collect import Outcome, outcome
 from rcmae.benchmark.plan import Job, Launch
+from rcmae.benchmark.report import write_text
 
 RECORD = "benchmark_job.json"
 CONSOLE = "console.log"  # the job's stdout and stderr (the tools' own log.txt has their log lines)
@@ -52,11 +53,8 @@ def add_attempt(job: Job, attempt: dict) -> None:
     record = read_record(job)
     attempts = [a for a in record["attempts"] if a.get("started") != attempt["started"]]
     record["attempts"] = [*attempts, attempt]
-    path = Path(job.dir) / RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    Path(job.dir).mkdir(parents=True, exist_ok=True)
+    write_text(Path(job.dir) / RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def slurm_job_state(job_id: str) -> str | None:

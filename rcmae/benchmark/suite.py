@@ -7,7 +7,6 @@ later call with another backbone adds it (the others' finished jobs are kept), a
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from rcmae.benchmark.plan import (
     check_settings,
     load_preset,
 )
+from rcmae.benchmark.report import write_report, write_text
 from rcmae.benchmark.runner import STATES, JobState, command, job_state, run_plan
 from rcmae.core.errors import ConfigError
 
@@ -66,10 +66,8 @@ def merge(out: Path, backbones: list[Backbone], s: Settings) -> list[Backbone]:
 
 def save_benchmark(out: Path, backbones: list[Backbone], s: Settings, launch: Launch) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (STATE + ".tmp")
-    tmp.write_text(json.dumps({"settings": s.to_json(), "backbones": [asdict(b) for b in backbones],
-                               "launch": asdict(launch)}, indent=2) + "\n")
-    os.replace(tmp, out / STATE)
+    write_text(out / STATE, json.dumps({"settings": s.to_json(), "backbones": [asdict(b) for b in backbones],
+                                        "launch": asdict(launch)}, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ dry run
@@ -155,8 +153,6 @@ def print_status(jobs: list[Job], states: dict[str, JobState]) -> None:
 
 
 def write_card(backbones, jobs, states, s, launch, out: Path, cmd: str) -> dict:
-    from rcmae.benchmark.report import write_report
-
     card = report_card(backbones, jobs, states, s, out, cmd, lambda job: command(job, launch))
     return write_report(card, out)
 

@@ -113,6 +113,17 @@ def shipped_configs() -> list[str]:
                   for p in root.glob(pattern) if not p.name.startswith("_"))
 
 
+def read_sections(path: Path) -> dict:
+    """A YAML file of sections (a mapping; empty: none), or a ConfigError naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def load_config(defaults: dict, config_file: str | Path | None = None,
                 overrides: Iterable[str] = ()) -> dict:
     """Defaults <- YAML file (a path or a shipped config's name) <- command-line overrides, each key
@@ -120,13 +131,7 @@ def load_config(defaults: dict, config_file: str | Path | None = None,
     cfg = copy.deepcopy(defaults)
     if config_file is not None:
         path = config_path(config_file)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-        merge(cfg, defaults, data, str(path))
+        merge(cfg, defaults, read_sections(path), str(path))
     for key, value in parse_overrides(overrides):
         _set(cfg, defaults, key, value, "command line")
     return cfg

@@ -63,7 +63,8 @@ def read_cost(d: Path, job: Job) -> Outcome:
     result = read_json(d / "cost.json")
     if result is None:
         return Outcome()
-    progress = f"{result['gflops_per_image']:.4g} GFLOPs, {result['throughput_img_per_s']:.1f} img/s ({result['device']})"
+    progress = (f"{result['gflops_per_image']:.4g} GFLOPs, {result['throughput_img_per_s']:.1f} img/s "
+                f"({result['device']})")
     return Outcome(done=True, started=True, progress=progress, result=result)
 
 

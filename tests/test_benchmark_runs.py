@@ -127,6 +127,9 @@ def test_every_protocol_here_then_a_backbone_added_later_and_a_failed_job_run_ag
     status = run_in_process(tool, "--output", out, "--status")
     assert status.returncode == 1 and re.search(r"teacher/knn +failed", status.stdout), status.stdout
     assert json.loads((out / "report.json").read_text())["rows"][0]["cells"]["knn_top1"]["status"] == "failed"
+    (out / "report.md").unlink()
+    rewritten = run_in_process(tool, "--output", out, "--report")  # only the report, from the folders
+    assert rewritten.returncode == 1 and (out / "report.md").is_file() and "benchmark status" in rewritten.stdout
     third = run_in_process(tool, f"teacher={run}", *args, "--output", out)
     assert third.returncode == 0, third.stdout[-3000:]
     assert attempts(out) == {**counts, "teacher/knn": 3}

@@ -73,7 +73,8 @@ def read_knn(d: Path, job: Job) -> Outcome:
     if r is None:
         return Outcome()
     note = f"k-NN on {r['train_images']:,} train images"
-    return Outcome(done=True, started=True, cells={"knn_top1": cell(r["knn_top1"], r["knn_n"], note)})
+    return Outcome(done=True, started=True, progress=f"{r['knn_n']:,} val images classified",
+                   cells={"knn_top1": cell(r["knn_top1"], r["knn_n"], note)})
 
 
 def read_classifier(d: Path, job: Job) -> Outcome:

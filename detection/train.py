@@ -58,7 +58,7 @@ def do_test(cfg, model, iteration: int | None = None) -> dict:
     if comm.is_main_process():
         print_csv_format(results)
         evaluated = {"dataset": names, "images": len(loader.dataset), "iteration": iteration,
-                     "max_iter": cfg.train.max_iter}
+                     "max_iter": cfg.train.max_iter if iteration is not None else None}
         write_results(results, cfg.train.output_dir, "eval_results", evaluated)
     return comm.all_gather(results)[0]
 

@@ -52,8 +52,8 @@ def test_backbones_of_every_origin_read_their_architecture(tmp_path):
     assert read_backbone(f"m={mae}") == Backbone("m", str(mae), "vit_micro_patch8", 32, "MAE-format")
     assert read_backbone(str(timm_sd)).name == "timm" and read_backbone(str(timm_sd)).origin == "timm state dict"
     assert read_backbone(str(rcmae)).origin == "official RC-MAE, teacher weights"
-    exported = vit_file(tmp_path / "enc.pth", wrap=lambda sd: {"model": sd, "meta": {"which": "teacher",
-                                                                                     "source": "ours", "from": "c.pth"}})
+    meta = {"which": "teacher", "source": "ours", "from": "c.pth"}
+    exported = vit_file(tmp_path / "enc.pth", wrap=lambda sd: {"model": sd, "meta": meta})
     assert read_backbone(str(exported)).origin == "exported encoder (teacher weights of ours c.pth)"
     assert read_backbone("r=random:vit_base_patch16") == Backbone("r", None, "vit_base_patch16", 224,
                                                                   "random initialisation")
@@ -318,3 +318,44 @@ def test_slurm_job_states_come_from_the_queue(tmp_path, monkeypatch, slurm_state
     add_attempt(knn, {"launcher": "slurm", "command": ["x"], "started": 1.0, "slurm_id": "42"})
     st = job_state(knn)
     assert (st.state, st.slurm_id) == (expected, "42")
+
+
+def test_a_job_runs_while_its_process_does_and_a_reused_pid_is_not_it(tmp_path):
+    import subprocess
+    import sys
+
+    knn = job(tmp_path, "knn")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "rcmae.tools.knn"])
+    try:
+        add_attempt(knn, {"launcher": "here", "command": ["x"], "started": 1.0, "pid": child.pid})
+        assert job_state(knn).state == "running"
+        add_attempt(knn, {"launcher": "here", "command": ["x"], "started": 2.0, "pid": os.getpid()})
+        assert job_state(knn).state == "failed"  # a live process, but not this job's command
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_second_benchmark_call_in_the_same_folder_is_refused(tmp_path, imagenet):
+    """Two calls would run the same jobs at once: the folder is locked, its holder named."""
+    import subprocess
+    import sys
+
+    from fixtures import run_in_process
+
+    from rcmae.tools import benchmark
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\nf = open(sys.argv[1], 'a+')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)",
+                               str(out / "run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        res = run_in_process(benchmark, "random:vit_micro_patch8@32", "--protocols", "knn", "--imagenet", imagenet,
+                             "--output", out)
+        assert res.returncode == 1 and "is in use by another run" in res.stderr, res.stderr
+        assert not (out / "random").exists() and not (out / "benchmark.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -150,9 +150,9 @@ def test_dry_run_checks_every_job_and_writes_nothing(tmp_path, inputs):
     run, args = inputs
     out = tmp_path / "bench"
     res = run_in_process(tool, f"teacher={run}", *args, "--output", out, "--dry-run", "--launcher", "slurm",
-                         "--gpus-per-node", "2")
+                         "--gpus-per-node", "2", "--protocols", "linprobe,finetune,robustness")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("  ok    teacher/") == 6 and "not checked now: teacher/finetune makes" in res.stdout
+    assert res.stdout.count("  ok    teacher/") == 4 and "not checked now: teacher/finetune makes" in res.stdout
     assert "1 node(s) x 2 GPU(s)" in res.stdout and "train.micro_batch=4" in res.stdout and not out.exists()
     bad = run_in_process(tool, f"teacher={run}", *args, "--output", out, "--dry-run", "--protocols", "finetune",
                          "--override", "finetune:optim.epochs=0")

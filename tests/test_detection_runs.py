@@ -51,10 +51,12 @@ def backbone(tmp_path_factory):
 
 
 def same_metrics(a: dict, b: dict) -> bool:
-    """Equal COCO results, NaN (no object of that size) equal to NaN."""
-    return a.keys() == b.keys() and all(
+    """Equal COCO results (``bbox`` and ``segm``; ``evaluated`` says after which iteration), NaN (no object
+    of that size) equal to NaN."""
+    tasks = ("bbox", "segm")
+    return all(t in a and t in b for t in tasks) and all(
         a[t].keys() == b[t].keys() and all(x == y or (math.isnan(x) and math.isnan(y))
-                                           for x, y in zip(a[t].values(), b[t].values())) for t in a)
+                                           for x, y in zip(a[t].values(), b[t].values())) for t in tasks)
 
 
 # ----------------------------------------------------------------------------- checks before the run
@@ -253,6 +255,10 @@ def test_two_processes_train_and_evaluate_as_one(tmp_path, backbone):
     double = json.loads((tmp_path / "two" / "eval_results.json").read_text())
     assert single["bbox"]["AP50"] > 0  # a comparison of detections, not of empty outputs
     assert same_metrics(single, double) and same_metrics(single, trained)
+    # what each evaluation rests on: the 4 coin photos, after the last of 4 iterations or of none (--eval-only)
+    assert trained["evaluated"] == {"dataset": "coins_demo", "images": 4, "iteration": 4, "max_iter": 4}
+    assert single["evaluated"] == {"dataset": "coins_demo", "images": 4, "iteration": None, "max_iter": None}
+    assert double["evaluated"] == single["evaluated"]
     assert (one["box_AP"], one["mask_AP"]) == (single["bbox"]["AP"], single["segm"]["AP"])
 
     def detections(run):

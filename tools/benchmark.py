@@ -89,7 +89,7 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     from rcmae.benchmark.plan import DataRoots, Launch, Settings, read_backbone
     from rcmae.benchmark.suite import benchmark, demo_inputs
-    from rcmae.core.errors import CheckpointError, ConfigError
+    from rcmae.core.errors import CheckpointError, ConfigError, OutputDirInUseError
 
     out = Path(args.output if not (args.demo and args.output == "output/benchmark") else "output/benchmark_demo")
     try:
@@ -114,7 +114,7 @@ def run(argv=None) -> int:
         backbones = [read_backbone(spec) for spec in specs]
         return benchmark(backbones, settings, launch, out, dry_run=args.dry_run, status=args.status,
                          report_only=args.report, cmd=shlex.join(["rcmae-benchmark", *argv]))
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, OutputDirInUseError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
         sys.exit(f"\ninterrupted: {e or 'stopped'}. Run the same command again to continue.")

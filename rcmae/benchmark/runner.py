@@ -9,7 +9,6 @@ interrupted ones (the tools resume from their output directory) and runs failed 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -93,7 +92,7 @@ def job_state(job: Job) -> JobState:
             return JobState("running", out, sid, state)
         detail = f"SLURM job {sid}: {state or 'no longer known to SLURM'}"
         return JobState("interrupted" if out.started else "failed", out, sid, detail)
-    if last and last.get("rc") is None and pid_alive(last.get("pid")):
+    if last and last.get("rc") is None and is_running(last.get("pid"), job):
         return JobState("running", out, detail=f"process {last['pid']}")
     if out.started:
         return JobState("interrupted", out, detail="stopped before the end: the next run continues it")
@@ -102,14 +101,13 @@ def job_state(job: Job) -> JobState:
     return JobState("todo", out)
 
 
-def pid_alive(pid) -> bool:
-    if not pid:
-        return False
+def is_running(pid, job: Job) -> bool:
+    """Whether process ``pid`` is still this job's command (not another process that took its number)."""
     try:
-        os.kill(pid, 0)
-    except OSError:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, TypeError):
         return False
-    return True
+    return f"rcmae.tools.{job.tool}" in cmdline
 
 
 def command(job: Job, launch: Launch, dependency: list[str] = (), flags: list[str] = ()) -> list[str]:

@@ -7,10 +7,12 @@ later call with another backbone adds it (the others' finished jobs are kept), a
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -93,26 +95,31 @@ def stand_ins(job: Job, backbone: Backbone) -> tuple[list[str], str]:
     return args, note
 
 
+def check_job(job: Job, b: Backbone, launch: Launch) -> tuple[bool, str]:
+    """One job's own checks (its tool with ``--dry-run``): (passed, the line that says so)."""
+    if job.protocol == "export":
+        return True, f"  ok    {job.name}: {b.checkpoint} reads as {b.arch}, {b.img_size} px ({b.origin})"
+    args, note = stand_ins(job, b)
+    if not args:
+        return True, f"  -     {job.name}: {note}"
+    cmd = command(Job(**{**asdict(job), "args": args}), launch, flags=["--dry-run"])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode == 0:
+        return True, f"  ok    {job.name}: the tool's checks passed{note}"
+    reason = (out.stderr.strip() or out.stdout.strip()).splitlines()[-1:] or ["(no output)"]
+    return False, f"  FAIL  {job.name}: {reason[0]}\n        {shlex.join(cmd)}"
+
+
 def check_jobs(jobs: list[Job], backbones: dict[str, Backbone], launch: Launch) -> list[str]:
-    """Each job's own checks (its tool with ``--dry-run``); returns the failures."""
-    failures = []
-    for job in jobs:
-        b = backbones[job.backbone]
-        if job.protocol == "export":
-            print(f"  ok    {job.name}: {b.checkpoint} reads as {b.arch}, {b.img_size} px ({b.origin})")
-            continue
-        args, note = stand_ins(job, b)
-        if not args:
-            print(f"  -     {job.name}: {note}")
-            continue
-        cmd = command(Job(**{**asdict(job), "args": args}), launch, flags=["--dry-run"])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode == 0:
-            print(f"  ok    {job.name}: the tool's checks passed{note}")
-        else:
-            reason = (out.stderr.strip() or out.stdout.strip()).splitlines()[-1:] or ["(no output)"]
-            print(f"  FAIL  {job.name}: {reason[0]}\n        {shlex.join(cmd)}")
-            failures.append(job.name)
+    """Every job's own checks, a few at a time (each is a process importing torch), printed in plan order;
+    returns the names of the jobs that failed them."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(lambda job: check_job(job, backbones[job.backbone], launch), jobs)
+        failures = []
+        for job, (passed, line) in zip(jobs, results):
+            print(line, flush=True)
+            if not passed:
+                failures.append(job.name)
     return failures
 
 
@@ -183,6 +190,10 @@ def benchmark(specs: list[Backbone], s: Settings | None, launch: Launch | None, 
     if status or report_only:
         states = {j.name: job_state(j) for j in jobs}
     else:
+        from rcmae.core.run import lock_output_dir
+
+        out.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(out)  # one benchmark call at a time in a folder (--status and --report only read)
         save_benchmark(out, backbones, s, launch)
         started = time.time()
         states = run_plan(jobs, launch)

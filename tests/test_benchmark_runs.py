@@ -16,6 +16,7 @@ import pytest
 import yaml
 from fixtures import ROOT, make_benchmarks, make_imagenet, micro_config, run_in_process
 
+from rcmae.benchmark.runner import SLURM_RUNNING, slurm_job_state
 from rcmae.benchmark.suite import build_demo_coco
 from rcmae.tools import benchmark as tool
 
@@ -186,18 +187,25 @@ def test_on_slurm_dependencies_hold_and_an_interrupted_job_resumes(slurm, tmp_pa
            "--protocols", "finetune,robustness", "--override", "finetune:optim.epochs=30",
            "--output", str(out), "--launcher", "slurm", "--gpus-per-node", "0", "--cpus-per-task", "1",
            "--timeout", "10"]
+    # the node is busy while the benchmark submits: no job starts (and ends) before the test watches it
+    busy = slurm.sbatch("-c", str(slurm.cpus), "-o", "/dev/null", "--wrap", "sleep 300")
+    slurm.wait_for(busy, states=("RUNNING",))
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
     ft_id = read_record_of(out / "teacher/finetune")[-1]["slurm_id"]
     rob = read_record_of(out / "teacher/robustness")[-1]
     assert rob["dependency"] == [ft_id]
     assert "Dependency" in slurm.job_info(rob["slurm_id"])["Reason"]
+    slurm.cancel(busy)
     deadline = time.time() + 120
     while not (out / "teacher/finetune/last_checkpoint").is_file():
         assert time.time() < deadline, "no checkpoint from the fine-tuning job"
         time.sleep(0.2)
     slurm.cancel(ft_id)
     slurm.wait_for(ft_id, states=("CANCELLED",))
+    while slurm_job_state(ft_id) in SLURM_RUNNING:  # COMPLETING while the job saves its step: still running
+        assert time.time() < deadline + 60, "the cancelled job does not end"
+        time.sleep(0.2)
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr

@@ -48,7 +48,7 @@ def log_of(job: Job) -> Path:
 
 
 def backbone_cells(b: Backbone, jobs: dict[str, Job], states: dict[str, JobState], cols: list[dict],
-                   s: Settings, root: Path) -> dict:
+                   root: Path) -> dict:
     cells = {}
     for c in cols:
         job = jobs.get(f"{b.name}/{c['protocol']}")
@@ -60,7 +60,7 @@ def backbone_cells(b: Backbone, jobs: dict[str, Job], states: dict[str, JobState
         links = {"job_dir": rel(Path(job.dir), root), "log": rel(log_of(job), root)}
         if found is None or found["value"] is None:
             status = st.state if st.state != "done" else "missing"
-            note = (found or {}).get("note") or st.detail or missing_reason(c, s)
+            note = (found or {}).get("note") or st.detail or missing_reason(c)
             cells[c["key"]] = {"value": None, "status": status, "note": note, **links}
             continue
         partial = found["partial"] or st.state != "done"
@@ -69,7 +69,7 @@ def backbone_cells(b: Backbone, jobs: dict[str, Job], states: dict[str, JobState
     return cells
 
 
-def missing_reason(col: dict, s: Settings) -> str:
+def missing_reason(col: dict) -> str:
     if col["protocol"] == "robustness":
         return "dataset not given (--imagenet-c / -a / -r / -sketch)"
     return "no result"
@@ -147,7 +147,7 @@ def report_card(backbones: list[Backbone], jobs: list[Job], states: dict[str, Jo
     published, sources = published_rows([b.size for b in backbones], cols)
     rows = [{"backbone": b.name, "source": b.checkpoint or f"random:{b.arch}", "origin": b.origin,
              "arch": b.arch, "size": b.size, "img_size": b.img_size, "run_dir": b.run_dir,
-             "cells": backbone_cells(b, by_name, states, cols, s, root)} for b in backbones]
+             "cells": backbone_cells(b, by_name, states, cols, root)} for b in backbones]
     return {"title": "RC-MAE benchmark", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command, "preset": s.preset, "protocols": s.protocols, "columns": cols, "rows": rows,
             "published": published, "sources": sources, "figures": figures(backbones, by_name, states),

@@ -216,10 +216,10 @@ def run_plan(jobs: list[Job], launch: Launch) -> dict[str, JobState]:
         if any(d.state in ("failed", "blocked") for d in deps):
             states[job.name] = JobState("blocked", st.outcome, detail="a job it depends on failed")
             continue
-        stale = st.state in ("queued", "running") and any(d in renewed for d in job.deps)
+        stale = st.state == "queued" and any(d in renewed for d in job.deps)  # behind a job that is no more
         if st.state in ("queued", "running") and not stale:
             continue
-        if stale and st.state == "queued":
+        if stale:
             cancel(st.slurm_id)
         if launch.launcher == "slurm" and job.protocol != "export":
             dependency = [d.slurm_id for d in deps if d.state in ("queued", "running") and d.slurm_id]

@@ -16,7 +16,7 @@ import resource
 import time
 import warnings
 
-from rcmae.core.errors import CheckpointError, ConfigError
+from rcmae.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,10 @@ FLOPS_COUNTING = ("fvcore's count for one image: one multiply-add is one flop (s
 
 def checkpoint_spec(path: str, which: str) -> tuple[str, int]:
     """(arch, input size) of the encoder a checkpoint holds, read off its tensor shapes."""
-    from rcmae.core.checkpoint import read_checkpoint
-    from rcmae.core.vit import infer_arch, is_encoder_key
+    from rcmae.core.checkpoint import encoder_arch, read_checkpoint
 
     _, sd = read_checkpoint(path).model(which)
-    try:
-        return infer_arch({k: v for k, v in sd.items() if is_encoder_key(k)}, path)
-    except ValueError as e:
-        raise CheckpointError(f"model.checkpoint: {e}") from None
+    return encoder_arch(sd, f"model.checkpoint: {path}")
 
 
 def model_spec(m: dict) -> tuple[str, int]:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rcmae.core.config import config_path, read_sections
-from rcmae.core.errors import CheckpointError, ConfigError
+from rcmae.core.errors import ConfigError
 
 PROTOCOLS = ("knn", "linprobe", "finetune", "detection", "robustness")
 DETECTION_PROTOCOLS = ("vitdet", "paper")
@@ -96,15 +96,11 @@ def check_name(name: str, spec: str) -> str:
 
 def checkpoint_arch(path: Path) -> tuple[str, int, str]:
     """(arch, input size, origin) of a checkpoint's encoder, read off its tensors."""
-    from rcmae.core.checkpoint import read_checkpoint
-    from rcmae.core.vit import infer_arch, is_encoder_key
+    from rcmae.core.checkpoint import encoder_arch, read_checkpoint
 
     ckpt = read_checkpoint(path)
     which, sd = ckpt.model("auto")
-    try:
-        arch, img_size = infer_arch({k: v for k, v in sd.items() if is_encoder_key(k)}, str(path))
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    arch, img_size = encoder_arch(sd, str(path))
     meta = ckpt.raw.get("meta") if isinstance(ckpt.raw.get("meta"), dict) else {}
     if "which" in meta:  # written by tools/export_encoder.py
         return arch, img_size, f"exported encoder ({meta['which']} weights of {meta.get('source')} {meta.get('from')})"

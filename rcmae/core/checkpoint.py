@@ -411,6 +411,15 @@ def check_export_target(out: Path) -> None:
                           "another output name")
 
 
+def encoder_arch(sd: dict, where: str) -> tuple[str, int]:
+    """(our arch name, input size) of the ViT encoder in a state dict (other keys ignored), read off its
+    tensor shapes; a CheckpointError that starts with ``where`` if it holds none of our ViTs."""
+    try:
+        return infer_arch({k: v for k, v in sd.items() if is_encoder_key(k)}, where)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def export_encoder(path: str | Path, which: str, out: str | Path) -> Path:
     """Save the encoder of ``which`` model as ``{"model": <timm VisionTransformer keys>, ...}`` (``out``,
     for MAE-style loaders) and as a timm folder beside it (``out`` without its suffix; see
@@ -426,10 +435,7 @@ def export_encoder(path: str | Path, which: str, out: str | Path) -> Path:
     meta = {"source": ckpt.source, "which": chosen, "from": str(path)}
     if ckpt.source == "ours":
         meta["step"] = ckpt.raw.get("step")
-    try:
-        arch, img_size = infer_arch(encoder, str(path))
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
+    arch, img_size = encoder_arch(encoder, str(path))
     meta.update(arch=arch, img_size=img_size)
     hint = "An encoder needs the patch embedding, the blocks and the final norm."
     if ckpt.source == "ours-classifier":

@@ -26,8 +26,6 @@ from rcmae.core.launcher import HelpFormatter
 
 PROTOCOLS = "knn,linprobe,finetune,detection,robustness"
 DATA = ("imagenet", "coco", "imagenet_c", "imagenet_a", "imagenet_r", "imagenet_sketch")
-SLURM = ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout", "partition", "account", "qos",
-         "constraint")
 
 
 def parse_args(argv):
@@ -87,7 +85,7 @@ def overrides_by_job(items: list[str]) -> dict[str, list[str]]:
 def run(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    from rcmae.benchmark.plan import DataRoots, Launch, Settings, read_backbone
+    from rcmae.benchmark.plan import SLURM_KEYS, DataRoots, Launch, Settings, read_backbone
     from rcmae.benchmark.suite import benchmark, demo_inputs
     from rcmae.core.errors import CheckpointError, ConfigError, OutputDirInUseError
 
@@ -105,7 +103,7 @@ def run(argv=None) -> int:
         elif not specs and not (args.status or args.report):
             raise ConfigError("name the backbones to benchmark ([NAME=]PATH ...), or --status / --report with "
                               "--output; without arguments the demo runs")
-        slurm = {k: getattr(args, k) for k in SLURM}
+        slurm = {k: getattr(args, k) for k in SLURM_KEYS}  # every job's launch options (a preset may lower them)
         if args.slurm_param:
             slurm["slurm_param"] = args.slurm_param
         launch = Launch(args.launcher, args.nproc_per_node if args.launcher == "torchrun" else 1, slurm)

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rcmae.benchmark.collect import Outcome, outcome
-from rcmae.benchmark.plan import Job, Launch
+from rcmae.benchmark.plan import SLURM_KEYS, Job, Launch
 from rcmae.benchmark.report import write_text
 
 RECORD = "benchmark_job.json"
@@ -131,8 +131,7 @@ def command(job: Job, launch: Launch, dependency: list[str] = (), flags: list[st
 def slurm_flags(job: Job, dependency: list[str]) -> list[str]:
     s = job.slurm
     flags = ["--slurm", "--job-name", f"bench-{job.backbone}-{job.protocol}"]
-    for key in ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout", "partition", "account", "qos",
-                "constraint"):
+    for key in SLURM_KEYS:
         if s.get(key) is not None:
             flags += [f"--{key.replace('_', '-')}", str(s[key])]
     for param in s.get("slurm_param", []):

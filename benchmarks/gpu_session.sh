@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU number the README's benchmark section asks for, in one run (~8 minutes on one H100 / H200):
+# Every GPU number the README's benchmark section asks for, in one run (~9 minutes on one H100 / H200):
 # the step (ViT-B/16, batch 256, bf16; RC-MAE and MAE; eager and torch.compile), the input pipelines
-# (torchvision / fast on the node's cores, nvJPEG on the GPU) and the end-to-end mode (JPEG folder -> step).
+# (torchvision / fast on the node's cores, nvJPEG on the GPU), the end-to-end mode (JPEG folder -> step) and
+# the linear-probe grid against one run per head (ViT-B/16, 8 heads).
 # JSON results land in $OUT (default output/gpu_session).   Usage: bash benchmarks/gpu_session.sh
 set -euo pipefail
 OUT=${OUT:-output/gpu_session}
@@ -17,3 +18,5 @@ for pipeline in fast gpu; do
   $step --warmup 10 --gamma-values 1.0 --data output/bench_jpegs --workers "$CORES" --pipeline $pipeline \
       --json "$OUT/end_to_end_$pipeline.json"
 done
+python benchmarks/linprobe_grid.py --arch vit_base_patch16 --img-size 224 --images-per-class 64 --batch 256 \
+    --epochs 2 --device cuda --precision bf16 --workers "$CORES" --json "$OUT/linprobe_grid.json"

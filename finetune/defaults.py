@@ -8,7 +8,10 @@ DEFAULTS = {
               "head_init_std": 2.0e-5},
     "init": {"checkpoint": None, "which": "auto"},
     "data": {"source": "folder", "train_path": None, "val_path": None, "label_space": "folder",
-             "num_workers": 10, "crop_pct": None},
+             "num_workers": 10, "crop_pct": None,
+             # label-efficient runs: a class-balanced fraction of train (seeded), or an image list
+             # (configs/subsets/imagenet_{1,10}percent.txt.gz: SimCLR's); null: every training image
+             "label_fraction": None, "subset_file": None, "subset_seed": 0},
     "aug": {"rand_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0,
             "smoothing": 0.1},
     "optim": {"name": "adamw", "batch_size": 1024, "base_lr": 5.0e-4, "lr": None, "min_lr": 1.0e-6,
@@ -32,6 +35,9 @@ LINPROBE_DEFAULTS = {
     "optim": {**DEFAULTS["optim"], "name": "lars", "batch_size": 16384, "base_lr": 0.1, "min_lr": 0.0,
               "weight_decay": 0.0, "epochs": 90, "warmup_epochs": 10},
     "train": {**DEFAULTS["train"], "mode": "linprobe", "output_dir": "output/linprobe", "micro_batch": 512},
+    # a grid of probes from one backbone pass (finetune/probe_grid.py): base_lrs x features, each head chosen on
+    # held_out_fraction of the training images; both lists empty: MAE's single probe
+    "grid": {"base_lrs": [], "features": [], "held_out_fraction": 0.01},
 }
 
 

@@ -47,14 +47,27 @@ def load_backbone(model: VisionTransformer, path: str, which: str = "auto") -> L
                       hint="Check model.arch against the checkpoint.", source=ckpt.source, which=chosen)
 
 
+def probe_head(dim: int, num_classes: int, generator: torch.Generator | None = None) -> nn.Sequential:
+    """MAE's probe: BatchNorm without affine, then a Linear (weights truncated normal, std 0.01; zero bias)."""
+    linear = nn.Linear(dim, num_classes)
+    nn.init.trunc_normal_(linear.weight, std=0.01, generator=generator)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+
+
 def linear_probe_head(model: VisionTransformer) -> None:
-    """MAE's probe: frozen backbone, BatchNorm without affine, then the linear head (std 0.01)."""
+    """MAE's linear probe: the backbone frozen, the head replaced by :func:`probe_head`."""
     for p in model.parameters():
         p.requires_grad = False
-    linear = nn.Linear(model.head.in_features, model.head.out_features)
-    nn.init.trunc_normal_(linear.weight, std=0.01)
-    nn.init.zeros_(linear.bias)
-    model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+    model.head = probe_head(model.head.in_features, model.head.out_features)
+
+
+def fold_probe(head: nn.Sequential) -> dict[str, torch.Tensor]:
+    """A probe's BatchNorm (running statistics) folded into its Linear: ``{"weight", "bias"}`` of one layer."""
+    bn, linear = head
+    scale = (bn.running_var + bn.eps).rsqrt()
+    return {"weight": (linear.weight * scale).detach().clone(),
+            "bias": (linear.bias - (linear.weight * scale) @ bn.running_mean).detach().clone()}
 
 
 def classifier_state(model: VisionTransformer) -> dict:
@@ -62,11 +75,8 @@ def classifier_state(model: VisionTransformer) -> dict:
     so every saved classifier loads into ``timm.create_model(...)`` as is."""
     sd = dict(model.state_dict())
     if isinstance(model.head, nn.Sequential):
-        bn, linear = model.head
-        scale = (bn.running_var + bn.eps).rsqrt()
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        sd["head.weight"] = linear.weight * scale
-        sd["head.bias"] = linear.bias - (linear.weight * scale) @ bn.running_mean
+        sd.update({f"head.{k}": v for k, v in fold_probe(model.head).items()})
     return {k: v.detach().clone() if k.startswith("head.") else v for k, v in sd.items()}
 
 

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "rcmae-toolkit/1"
 CLASSIFIER_FORMAT = "rcmae-toolkit/classifier/1"
+PROBE_GRID_FORMAT = "rcmae-toolkit/probe-grid/1"  # a linear-probe grid's training state (finetune/probe_grid.py)
 POINTER = "last_checkpoint"
 FIXED_KEYS = ("pos_embed", "decoder_pos_embed")  # fixed sin-cos: recomputed, never learned
 

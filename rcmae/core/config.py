@@ -86,13 +86,11 @@ def config_path(name: str | Path) -> Path:
     """A config file by path, or a shipped one by name: ``configs/pretrain/rcmae_vit_base.yaml`` (as
     the README writes it, from any directory), ``pretrain/rcmae_vit_base.yaml`` or
     ``pretrain/rcmae_vit_base``."""
-    from importlib.resources import files
-
     path = Path(name)
     if path.is_file():
         return path
     parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
-    shipped = Path(str(files("rcmae.configs"))).joinpath(*parts)
+    shipped = shipped_file(path)
     for candidate in (shipped, *(shipped.with_name(shipped.name + ext) for ext in (".yaml", ".py"))):
         if parts and candidate.is_file():
             return candidate
@@ -101,6 +99,15 @@ def config_path(name: str | Path) -> Path:
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     raise ConfigError(f"config file {name} does not exist (neither a file nor a shipped config): {hint}"
                       f"shipped: {', '.join(names)}")
+
+
+def shipped_file(name: str | Path) -> Path:
+    """Where a file of ``configs/`` (``configs/subsets/imagenet_1percent.txt.gz`` as the docs write it, or
+    ``subsets/...``) lies in the installed package, whether it exists or not."""
+    from importlib.resources import files
+
+    parts = Path(name).parts
+    return Path(str(files("rcmae.configs"))).joinpath(*(parts[1:] if parts[:1] == ("configs",) else parts))
 
 
 def shipped_configs() -> list[str]:

@@ -91,14 +91,16 @@ def test_a_file_that_is_no_vit_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the plan
 def test_the_plan_is_the_graph_of_the_issue(tmp_path):
-    """export -> cost, k-NN, linear probe, fine-tuning, detection; fine-tuning -> robustness; each job its
-    tool's command line, in its own folder, reading the exported encoder."""
+    """export -> cost, pictures, k-NN, linear probe, fine-tuning, detection; fine-tuning -> robustness; each job
+    its tool's command line, in its own folder, reading the exported encoder."""
     jobs = build_plan([base()], Settings(ALL, "vitdet", "paper", DATA), tmp_path, Launch())
     by = {j.protocol: j for j in jobs}
-    assert [j.protocol for j in jobs] == ["export", "cost", "knn", "linprobe", "finetune", "detection", "robustness"]
+    assert [j.protocol for j in jobs] == ["export", "cost", "pictures", "knn", "linprobe", "finetune", "detection",
+                                          "robustness"]
     encoder = str(tmp_path / "b" / "export" / "encoder.pth")
     assert by["export"].args[:2] == ["/ckpt/b.pth", encoder]
-    for p in ("cost", "knn", "linprobe", "finetune", "detection"):
+    assert by["pictures"].args[:2] == [encoder, "/data/imagenet/val"] and by["pictures"].spread == "here"
+    for p in ("cost", "pictures", "knn", "linprobe", "finetune", "detection"):
         assert by[p].deps == ["b/export"] and by[p].dir == str(tmp_path / "b" / p)
         assert any(encoder in a for a in by[p].args)
     assert by["robustness"].deps == ["b/finetune"]
@@ -117,7 +119,8 @@ def test_a_random_backbone_has_no_export_and_detection_trains_from_scratch(tmp_p
     b = read_backbone("random:vit_base_patch16")
     jobs = build_plan([b], Settings(ALL, "vitdet", "paper", DATA), tmp_path, Launch())
     assert [j.protocol for j in jobs][0] == "cost" and not any("init.checkpoint" in a for j in jobs for a in j.args)
-    assert "train.allow_scratch=True" in jobs[4].args
+    assert "train.allow_scratch=True" in jobs[5].args
+    assert jobs[1].protocol == "pictures" and jobs[1].args[0] == "random:vit_base_patch16@224"
 
 
 def test_the_recipes_effective_batch_is_kept_on_any_world_size():

@@ -267,3 +267,27 @@ def test_the_input_is_not_changed_and_odd_paths_are_quoted(tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "[51.2](teacher/k%20nn%20%282%29/log%7C1.txt)" in markdown
     assert 'href="teacher/k%20nn%20%282%29/log%7C1.txt"' in (tmp_path / "report.html").read_text()
+
+
+def test_feature_pictures_of_each_backbone_or_why_not(tmp_path):
+    """A backbone's drawn pictures appear under its name (linked in Markdown, embedded in HTML); one whose job
+    failed shows that state linked to its log, never an image."""
+    from PIL import Image
+
+    (tmp_path / "teacher" / "pictures").mkdir(parents=True)
+    for kind, color in (("attention", "red"), ("pca", "blue")):
+        Image.new("RGB", (8, 4), color).save(tmp_path / "teacher" / "pictures" / f"{kind}.png")
+    report = {**make_report(), "figures": {}, "pictures": [
+        {"backbone": "teacher", "status": "done", "log": "teacher/pictures/console.log",
+         "attention": "teacher/pictures/attention.png", "pca": "teacher/pictures/pca.png"},
+        {"backbone": "student", "status": "failed", "log": "student/pictures/console.log"}]}
+    write_report(report, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    section = markdown.split("## Feature pictures\n", 1)[1].split("\n## ", 1)[0]
+    teacher, student = section.split("### student")
+    assert "](teacher/pictures/attention.png)" in teacher and "](teacher/pictures/pca.png)" in teacher
+    assert "![" not in student and "[failed](student/pictures/console.log)" in student
+    html = (tmp_path / "report.html").read_text()
+    embedded = [base64.b64decode(data) for data in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+    assert {(tmp_path / "teacher" / "pictures" / f"{k}.png").read_bytes() for k in ("attention", "pca")} <= set(
+        embedded)

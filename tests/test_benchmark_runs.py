@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 from fixtures import ROOT, make_benchmarks, make_imagenet, micro_config, run_in_process
 
 from rcmae.benchmark.runner import SLURM_RUNNING, slurm_job_state
@@ -78,8 +79,8 @@ def test_every_protocol_here_then_a_backbone_added_later_and_a_failed_job_run_ag
     out = tmp_path / "bench"
     first = run_in_process(tool, f"teacher={run}", *args, "--output", out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert attempts(out) == {f"teacher/{p}": 1 for p in ("export", "cost", "knn", "linprobe", "finetune",
-                                                         "detection", "robustness")}
+    assert attempts(out) == {f"teacher/{p}": 1 for p in ("export", "cost", "pictures", "knn", "linprobe",
+                                                         "finetune", "detection", "robustness")}
     report = json.loads((out / "report.json").read_text())
     (row,) = report["rows"]
     cells = row["cells"]
@@ -112,12 +113,19 @@ def test_every_protocol_here_then_a_backbone_added_later_and_a_failed_job_run_ag
     assert rob["command"][1:3] == ["-m", "rcmae.tools.eval_robustness"]
     html = (out / "report.html").read_text()
     assert "teacher/knn/log.txt" in html and "data:image/png;base64," in html
+    # the feature pictures of the exported encoder (the teacher), 4 val images of 4 classes: 160 px a cell
+    (pictures,) = report["pictures"]
+    assert pictures["status"] == "done" and Image.open(out / pictures["attention"]).size == (160 * (2 + 4), 160 * 4)
+    assert Image.open(out / pictures["pca"]).size == (160 * 3, 160 * 4)
+    md = (out / "report.md").read_text()
+    assert "](teacher/pictures/attention.png)" in md and "](teacher/pictures/pca.png)" in md
+    assert str(out / "teacher/export/encoder.pth") in read_record_of(out / "teacher/pictures")[-1]["command"]
 
     # a backbone added later: its jobs run, the teacher's are not redone, both are in the report
     second = run_in_process(tool, f"teacher={run}", "random=random:vit_mini_patch8@64", *args, "--output", out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     counts = attempts(out)
-    assert all(n == 1 for n in counts.values()) and len(counts) == 13
+    assert all(n == 1 for n in counts.values()) and len(counts) == 15
     assert [r["backbone"] for r in json.loads((out / "report.json").read_text())["rows"]] == ["teacher", "random"]
 
     # a failed job: --status says so; the same command runs it again, and only it
@@ -153,7 +161,8 @@ def test_dry_run_checks_every_job_and_writes_nothing(tmp_path, inputs):
     res = run_in_process(tool, f"teacher={run}", *args, "--output", out, "--dry-run", "--launcher", "slurm",
                          "--gpus-per-node", "2", "--protocols", "linprobe,finetune,robustness")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("  ok    teacher/") == 4 and "not checked now: teacher/finetune makes" in res.stdout
+    assert res.stdout.count("  ok    teacher/") == 5 and "not checked now: teacher/finetune makes" in res.stdout
+    assert "teacher/pictures: the tool's checks passed" in res.stdout
     assert "1 node(s) x 2 GPU(s)" in res.stdout and "train.micro_batch=4" in res.stdout and not out.exists()
     bad = run_in_process(tool, f"teacher={run}", *args, "--output", out, "--dry-run", "--protocols", "finetune",
                          "--override", "finetune:optim.epochs=0")

@@ -124,6 +124,18 @@ def costs(backbones: list[Backbone], jobs: dict[str, Job], states: dict[str, Job
     return rows
 
 
+def pictures(backbones: list[Backbone], jobs: dict[str, Job], states: dict[str, JobState], root: Path) -> list[dict]:
+    """Each backbone's feature pictures (paths relative to the report), or the state of the job drawing them."""
+    rows = []
+    for b in backbones:
+        job = jobs.get(f"{b.name}/pictures")
+        if job is not None:
+            drawn = states[job.name].outcome.result
+            rows.append({"backbone": b.name, "status": states[job.name].state, "log": rel(log_of(job), root),
+                         **{kind: rel(Path(path), root) for kind, path in drawn.items()}})
+    return rows
+
+
 def job_rows(jobs: list[Job], states: dict[str, JobState], root: Path, planned) -> list[dict]:
     rows = []
     for job in jobs:
@@ -151,4 +163,5 @@ def report_card(backbones: list[Backbone], jobs: list[Job], states: dict[str, Jo
     return {"title": "RC-MAE benchmark", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": command, "preset": s.preset, "protocols": s.protocols, "columns": cols, "rows": rows,
             "published": published, "sources": sources, "figures": figures(backbones, by_name, states),
-            "costs": costs(backbones, by_name, states, root), "jobs": job_rows(jobs, states, root, planned)}
+            "costs": costs(backbones, by_name, states, root), "pictures": pictures(backbones, by_name, states, root),
+            "jobs": job_rows(jobs, states, root, planned)}

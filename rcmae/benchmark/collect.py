@@ -148,5 +148,15 @@ def read_robustness(d: Path, job: Job) -> Outcome:
     return out
 
 
-READERS = {"export": read_export, "cost": read_cost, "knn": read_knn, "linprobe": read_classifier,
-           "finetune": read_classifier, "detection": read_detection, "robustness": read_robustness}
+def read_pictures(d: Path, job: Job) -> Outcome:
+    """The feature pictures (tools/visualize.py): the last block's attention and the PCA of the patch tokens."""
+    files = {kind: d / f"{kind}.png" for kind in PICTURES}
+    done = all(f.is_file() for f in files.values())
+    return Outcome(done=done, progress="drawn" if done else "",
+                   result={kind: str(f) for kind, f in files.items() if f.is_file()})
+
+
+PICTURES = ("attention", "pca")
+READERS = {"export": read_export, "cost": read_cost, "pictures": read_pictures, "knn": read_knn,
+           "linprobe": read_classifier, "finetune": read_classifier, "detection": read_detection,
+           "robustness": read_robustness}

@@ -1,6 +1,6 @@
 """The benchmark's plan: backbones x protocols x a preset -> a graph of tool runs, each in its own folder.
 
-    export  -> cost, knn, linprobe, finetune, detection
+    export  -> cost, pictures, knn, linprobe, finetune, detection
     finetune -> robustness (on the fine-tuned classifier)
 
 A job is the command line a user could type (``python -m rcmae.tools.<tool> ...``); its folder is the
@@ -19,13 +19,16 @@ from rcmae.core.errors import ConfigError
 
 PROTOCOLS = ("knn", "linprobe", "finetune", "detection", "robustness")
 DETECTION_PROTOCOLS = ("vitdet", "paper")
-# preset sections: the protocols, the detection protocols by name, and the cost measurement
-PRESET_SECTIONS = ("cost", "knn", "linprobe", "finetune", "detection_vitdet", "detection_paper", "robustness")
+# preset sections: the protocols, the detection protocols by name, the cost measurement and the feature pictures
+PRESET_SECTIONS = ("cost", "pictures", "knn", "linprobe", "finetune", "detection_vitdet", "detection_paper",
+                   "robustness")
 PRESET_KEYS = ("config", "overrides", "slurm")
 SLURM_KEYS = ("nodes", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout", "partition", "account", "qos",
               "constraint")
-# how each tool spreads over the processes of a machine: torchrun, detectron2's own launch, or not at all
-TOOLS = {"export": ("export_encoder", "single"), "cost": ("measure_cost", "single"), "knn": ("knn", "torchrun"),
+# how each tool spreads over the processes of a machine: torchrun, detectron2's own launch, not at all, or not at
+# all and always on this machine (seconds of CPU work, never worth a SLURM job)
+TOOLS = {"export": ("export_encoder", "here"), "pictures": ("visualize", "here"),
+         "cost": ("measure_cost", "single"), "knn": ("knn", "torchrun"),
          "linprobe": ("linprobe", "torchrun"), "finetune": ("finetune", "torchrun"),
          "detection": ("train_det", "detectron2"), "robustness": ("eval_robustness", "torchrun")}
 SIZES = {"vit_micro_patch8": "micro", "vit_mini_patch8": "mini", "vit_tiny_patch16": "tiny",
@@ -140,7 +143,7 @@ class DataRoots:
 class Job:
     """One tool run: ``python -m rcmae.tools.<tool> <args>`` with its output in ``dir``."""
     backbone: str
-    protocol: str  # export, cost, knn, linprobe, finetune, detection, robustness
+    protocol: str  # export, cost, pictures, knn, linprobe, finetune, detection, robustness
     section: str  # the preset's section it follows (detection_vitdet or detection_paper for detection)
     args: list[str]
     dir: str
@@ -241,8 +244,9 @@ def check_settings(s: Settings) -> None:
     if missing:
         raise ConfigError(f"missing data: {'; '.join(missing)}; or leave the protocol out (--protocols)")
     for protocol, items in s.overrides.items():
-        if protocol not in (*PROTOCOLS, "cost"):
-            raise ConfigError(f"--override {protocol}:...: no such job; jobs are {', '.join(PROTOCOLS)}, cost")
+        if protocol not in (*PROTOCOLS, "cost", "pictures"):
+            raise ConfigError(f"--override {protocol}:...: no such job; jobs are {', '.join(PROTOCOLS)}, cost, "
+                              "pictures")
 
 
 @dataclass(frozen=True)
@@ -296,6 +300,10 @@ def backbone_jobs(b: Backbone, s: Settings, preset: dict, preset_path: str, root
     add("cost", "cost", [*(["--checkpoint", encoder] if encoder else ["--arch", b.arch, "--img-size",
                                                                         str(b.img_size)]),
                          "--output", str(root / "cost")], deps, encoder_input)
+    if data.imagenet:  # the last block's attention and the PCA of the patch tokens on a few val images
+        add("pictures", "pictures", [encoder or f"random:{b.arch}@{b.img_size}", f"{data.imagenet}/val", "--kind",
+                                     "attention,pca", "--pca", "each", "--out", str(root / "pictures" / "{kind}.png")],
+            deps, encoder_input)  # a PCA per image: the images are of different classes
     # ImageNet-1k's class index whatever the folders hold (the same as the folder index on the full set):
     # the classifier keeps its 1000-way head, which the robustness sets need
     imagenet = [f"data.train_path={data.imagenet}/train", f"data.val_path={data.imagenet}/val",

@@ -138,7 +138,29 @@ def report_blocks(report: dict, figure_files: dict[str, str]) -> list[tuple]:
     blocks += cost_blocks(report.get("costs") or [])
     blocks += [("h", 2, "Figures")] if figure_files else []
     blocks += [("img", FIGURE_CAPTIONS[kind], path) for kind, path in figure_files.items()]
+    blocks += picture_blocks(report.get("pictures") or [])
     blocks += jobs_blocks(report.get("jobs") or [])
+    return blocks
+
+
+PICTURE_CAPTIONS = {
+    "attention": "the last block's class-token attention over the patches: image, mean of the heads, each head",
+    "pca": "PCA of the final patch tokens (one per image): image, first component (red: the foreground it "
+           "separates), the foreground's first three components as RGB",
+}
+
+
+def picture_blocks(pictures: list[dict]) -> list[tuple]:
+    """What each backbone's features look like on a few val images (``tools/visualize.py``), or why not yet."""
+    if not pictures:
+        return []
+    blocks = [("h", 2, "Feature pictures")]
+    for row in pictures:
+        blocks.append(("h", 3, row["backbone"]))
+        drawn = [kind for kind in PICTURE_CAPTIONS if row.get(kind)]
+        blocks += [("img", f"{row['backbone']}: {PICTURE_CAPTIONS[kind]}", row[kind]) for kind in drawn]
+        if len(drawn) < len(PICTURE_CAPTIONS):
+            blocks.append(("p", [Span("pictures: "), status_span(row["status"], row.get("log"))]))
     return blocks
 
 

@@ -115,7 +115,7 @@ def command(job: Job, launch: Launch, dependency: list[str] = (), flags: list[st
     with SLURM options. Options (the launcher's, ``flags``) come first: detection's config overrides end
     its command line."""
     tool = [sys.executable, "-m", f"rcmae.tools.{job.tool}"]
-    if job.protocol == "export":  # seconds of CPU work: always here, before anything that reads it
+    if job.spread == "here":  # seconds of CPU work (the export, the pictures): never submitted
         return [*tool, *flags, *job.args]
     if launch.launcher == "slurm":
         return [*tool, *slurm_flags(job, dependency), *flags, *job.args]
@@ -220,7 +220,7 @@ def run_plan(jobs: list[Job], launch: Launch) -> dict[str, JobState]:
             continue
         if stale:
             cancel(st.slurm_id)
-        if launch.launcher == "slurm" and job.protocol != "export":
+        if launch.launcher == "slurm" and job.spread != "here":
             dependency = [d.slurm_id for d in deps if d.state in ("queued", "running") and d.slurm_id]
             try:
                 job_id = submit(job, command(job, launch, dependency), dependency)

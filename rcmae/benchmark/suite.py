@@ -124,7 +124,7 @@ def check_jobs(jobs: list[Job], backbones: dict[str, Backbone], launch: Launch) 
 
 
 def resources(job: Job, launch: Launch) -> str:
-    if job.protocol == "export" or launch.launcher != "slurm":
+    if job.spread == "here" or launch.launcher != "slurm":
         procs = launch.nproc if launch.launcher == "torchrun" and job.spread != "single" else 1
         return "here" if procs == 1 else f"here, {procs} processes"
     s = job.slurm

@@ -15,7 +15,7 @@ from rcmae.core import checkpoint as ckpt
 from rcmae.core.data.datasets import SeededImages, eval_dataset
 from rcmae.core.data.readers import check_folder_pair, labelled_images, labelled_pair
 from rcmae.core.data.sampler import sample_seed, seeded, shard_loader
-from rcmae.core.data.subsets import balanced_subset, check_subset_options, labelled_subset
+from rcmae.core.data.subsets import check_subset_options, held_out_split, labelled_subset
 from rcmae.core.data.transforms import classifier_train_transform as train_transform
 from rcmae.core.data.transforms import eval_transform
 from rcmae.core.distributed import barrier
@@ -58,9 +58,10 @@ def build_criterion(aug: dict, num_classes: int):
 
 def grid_heads(cfg: dict) -> list:
     """The heads of a linear-probe grid (``grid`` section); [] for one head (MAE's probe, or fine-tuning)."""
-    grid = cfg.get("grid")
-    return grid_specs(grid, cfg["optim"]["base_lr"], check_arch(cfg["model"]["arch"], cfg["model"]["img_size"])["depth"]
-                      ) if grid else []
+    if not cfg.get("grid"):
+        return []
+    depth = check_arch(cfg["model"]["arch"], cfg["model"]["img_size"])["depth"]
+    return grid_specs(cfg["grid"], cfg["optim"]["base_lr"], depth)
 
 
 def datasets(cfg: dict, run, mode: str):
@@ -73,18 +74,11 @@ def datasets(cfg: dict, run, mode: str):
     paths, labels = labelled_subset(paths, labels, d)
     held_out = None
     if grid_heads(cfg):
-        held = set(balanced_subset(labels, cfg["grid"]["held_out_fraction"], cfg["train"]["seed"],
-                                   "grid.held_out_fraction"))
-        left = {y for i, y in enumerate(labels) if i not in held}
-        emptied = sorted({y for y in labels} - left)
-        if emptied:
-            raise ConfigError(f"grid.held_out_fraction={cfg['grid']['held_out_fraction']} holds out every training "
-                              f"image of {len(emptied)} class(es) (labels {emptied[:5]}): each class needs 2 images "
-                              "at least, or a smaller fraction")
-        held_out = SeededImages([paths[i] for i in sorted(held)], eval_transform(size, d["crop_pct"]),
-                                [labels[i] for i in sorted(held)], replace_unreadable=False)
-        paths, labels = [p for i, p in enumerate(paths) if i not in held], [y for i, y in enumerate(labels)
-                                                                            if i not in held]
+        kept, held = held_out_split(labels, cfg["grid"]["held_out_fraction"], cfg["train"]["seed"],
+                                    "grid.held_out_fraction")
+        held_out = SeededImages([paths[i] for i in held], eval_transform(size, d["crop_pct"]),
+                                [labels[i] for i in held], replace_unreadable=False)
+        paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
     train = SeededImages(paths, train_transform(size, cfg["aug"], mode), labels)
     val, _ = eval_dataset(val_path, label_space, size, d["crop_pct"], "data.val_path")
     return train, val, num_classes, held_out

@@ -9,7 +9,7 @@ import pytest
 import timm
 
 from rcmae.core.config import load_config
-from rcmae.core.data.subsets import balanced_subset, check_subset_options, listed_subset
+from rcmae.core.data.subsets import balanced_subset, check_subset_options, held_out_split, listed_subset
 from rcmae.core.errors import ConfigError
 from rcmae.finetune.defaults import DEFAULTS
 from rcmae.finetune.train import main
@@ -104,3 +104,11 @@ def test_subset_options_are_checked_before_any_work(tmp_path, imagenet):
     with pytest.raises(ConfigError, match="1 of its 2 images are not in"):
         main(ft_cfg(imagenet, tmp_path / "out", f"data.subset_file={listing}"))
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_split_keeps_an_image_of_every_class():
+    labels = [0] * 8 + [1] * 4
+    kept, held = held_out_split(labels, 0.25, 0, "grid.held_out_fraction")
+    assert sorted(kept + held) == list(range(12)) and Counter(labels[i] for i in held) == {0: 2, 1: 1}
+    with pytest.raises(ConfigError, match="holds out every training image of 1 class"):
+        held_out_split([0] * 8 + [1], 0.25, 0, "grid.held_out_fraction")

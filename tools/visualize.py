@@ -145,6 +145,8 @@ def run(argv=None):
         pictures = torch.stack([tf(photo) for photo in photos])
         return (pictures - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1), pictures
 
+    parts = Path(args.checkpoint).parts  # a figure's title: a long path by its last three parts
+    label = args.checkpoint if len(args.checkpoint) <= 60 or len(parts) <= 3 else ".../" + "/".join(parts[-3:])
     written = []
     for kind in kinds:
         out = Path(args.out.replace("{kind}", kind))
@@ -156,12 +158,12 @@ def run(argv=None):
             noise = torch.rand(batch.shape[0], model.student.num_patches,
                                generator=torch.Generator().manual_seed(args.seed))
             written.append(save_reconstruction(model, batch, noise, out,
-                                               f"{args.checkpoint} (mask {model.mask_ratio:.0%})"))
+                                               f"{label} (mask {model.mask_ratio:.0%})"))
         else:
             cfg = getattr(vit, "pretrained_cfg", None) or {}  # a timm folder declares its preprocessing
             batch, pictures = inputs(vit.patch_embed.img_size[0], cfg.get("mean", IMAGENET_MEAN),
                                      cfg.get("std", IMAGENET_STD))
-            title = args.checkpoint
+            title = label
             if isinstance(model, RCMAE):
                 title += f" ({'student' if model.teacher is None or args.which == 'student' else 'teacher'})"
             if kind == "attention":

@@ -36,6 +36,18 @@ def balanced_subset(labels: list[int], fraction: float, seed: int, what: str) ->
     return sorted(chosen)
 
 
+def held_out_split(labels: list[int], fraction: float, seed: int, what: str) -> tuple[list[int], list[int]]:
+    """(kept, held out): :func:`balanced_subset` held out, the rest kept; every class keeps an image."""
+    held = balanced_subset(labels, fraction, seed, what)
+    held_set = set(held)
+    kept = [i for i in range(len(labels)) if i not in held_set]
+    emptied = sorted(set(labels) - {labels[i] for i in kept})
+    if emptied:
+        raise ConfigError(f"{what}={fraction} holds out every training image of {len(emptied)} class(es) (labels "
+                          f"{emptied[:5]}): each class needs 2 images at least, or a smaller fraction")
+    return kept, held
+
+
 def read_subset_file(path: str | Path, what: str) -> list[str]:
     """The file names of an image list (one per line; ``.gz`` read compressed), checked for duplicates."""
     path = Path(path).expanduser()

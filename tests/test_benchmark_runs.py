@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from PIL import Image
 from fixtures import ROOT, make_benchmarks, make_imagenet, micro_config, run_in_process
+from PIL import Image
 
 from rcmae.benchmark.runner import SLURM_RUNNING, slurm_job_state
 from rcmae.benchmark.suite import build_demo_coco

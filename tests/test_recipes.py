@@ -102,9 +102,9 @@ LINPROBE = {
                  {"model.arch": "vit_base_patch16", "optim.epochs": 90, "grid.base_lrs": [], "grid.features": []}),
     # MAE's probe as a grid; DINOv2's feature kinds (class tokens of the last 1 or 4 blocks, +/- the patch mean)
     "grid_vit_base": ([MAE, "FINETUNE.md", "facebookresearch/dinov2", "dinov2/eval/linear.py"],
-                      {"model.arch": "vit_base_patch16", "optim.epochs": 90, "grid.base_lrs": [0.01, 0.03, 0.1, 0.3, 1.0],
-                       "grid.features": ["cls", "avgpool", "cls_last4", "cls_last4+avgpool"],
-                       "grid.held_out_fraction": 0.01}),
+                      {"model.arch": "vit_base_patch16", "optim.epochs": 90,
+                       "grid.base_lrs": [0.01, 0.03, 0.1, 0.3, 1.0], "grid.held_out_fraction": 0.01,
+                       "grid.features": ["cls", "avgpool", "cls_last4", "cls_last4+avgpool"]}),
     "vit_large": ([MAE, "FINETUNE.md", RC, "scripts/linear_rc_mae_vit_large.sh"],
                   {"model.arch": "vit_large_patch16", "optim.epochs": 50}),
     "vit_huge": ([MAE, "FINETUNE.md"], {"model.arch": "vit_huge_patch14", "optim.epochs": 50}),

@@ -142,3 +142,22 @@ def test_demo_cli_end_to_end_and_export(tmp_path):
     enc = torch.load(tmp_path / "student.pth", weights_only=True)
     assert enc["meta"]["which"] == "student" and "blocks.0.attn.qkv.weight" in enc["model"]
     assert not any(k.startswith(("decoder", "mask_token")) for k in enc["model"])
+
+
+def test_a_requeue_terminated_by_its_own_requeue_is_no_error():
+    """SLURM terminates the job step's processes on ``scontrol requeue``, the scontrol itself when it is slower:
+    that SIGTERM is the requeue working (the CI's SLURM test caught the traceback it used to print); any other
+    failure of scontrol is still raised."""
+    import signal
+    import subprocess
+
+    from rcmae.core.launcher import requeue_quietly
+
+    def requeue_dying_by(code):
+        def requeue(signum, frame):
+            raise subprocess.CalledProcessError(code, ["scontrol", "requeue", "5"])
+        return requeue
+
+    requeue_quietly(requeue_dying_by(-signal.SIGTERM))
+    with pytest.raises(subprocess.CalledProcessError):
+        requeue_quietly(requeue_dying_by(1))

@@ -99,6 +99,17 @@ def run_main(main: Entry, cfg: dict) -> dict:
         cleanup()
 
 
+def requeue_quietly(requeue) -> None:
+    """submitit's SIGUSR2 handler: ``Job.checkpoint``, then ``scontrol requeue``. SLURM answers the requeue by
+    terminating every process of the job step, ``scontrol`` among them when it has not exited yet: its death
+    by SIGTERM is the requeue under way, not a failure to report with a traceback."""
+    try:
+        requeue(signal.SIGUSR2, None)
+    except subprocess.CalledProcessError as e:
+        if e.returncode != -signal.SIGTERM:
+            raise
+
+
 class Job:
     """The picklable job submitit runs on each task; ``argv`` is the user's command line, which the
     task's run records and output-directory lock name (not submitit's ``_submit.py``)."""
@@ -119,7 +130,7 @@ class Job:
             except Interrupted as stop:
                 print(f"{stop}; {last_checkpoint_note(self.cfg['train']['output_dir'])}", file=sys.stderr)
                 if stop.signum == signal.SIGUSR2 and callable(requeue):
-                    requeue(signal.SIGUSR2, None)  # the first task requeues and exits; the others return
+                    requeue_quietly(requeue)  # the first task requeues and exits; the others return
                 # no result: the job is not done. After TERM, SLURM requeues it (or it was cancelled).
                 raise SystemExit(0)
 

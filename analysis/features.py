@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from rcmae.core.checkpoint import WHICH, encoder_arch, load_state
+from rcmae.core.checkpoint import WHICH
 from rcmae.core.errors import CheckpointError
 from rcmae.core.plotting import plt, save_figure
-from rcmae.core.vit import build_classifier, is_encoder_key
+from rcmae.core.vit import build_classifier
 from rcmae.pretrain.rcmae import RCMAE
 
 
@@ -32,16 +32,7 @@ def feature_vit(model, which: str = "auto") -> VisionTransformer:
     if not isinstance(model, RCMAE):
         raise CheckpointError(f"a {type(model).__name__} is no Vision Transformer: attention maps and patch features "
                               "need a ViT (a pretraining checkpoint, an encoder or a ViT classifier)")
-    if which == "auto":
-        which = "student" if model.teacher is None else "teacher"
-    mae = getattr(model, which)
-    if mae is None:
-        raise CheckpointError("this MAE has no teacher: use which=student (or auto)")
-    encoder = {k: v for k, v in mae.state_dict().items() if is_encoder_key(k)}
-    arch, img_size = encoder_arch(encoder, f"the {which}")
-    vit = build_classifier(arch, img_size, 0, "token")
-    load_state(vit, encoder, f"the {which} encoder ({arch}, {img_size} px)")
-    return vit.eval()
+    return model.encoder(which).eval()
 
 
 def random_vit(arch: str, img_size: int, seed: int = 0) -> VisionTransformer:

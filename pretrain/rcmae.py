@@ -11,11 +11,12 @@ import copy
 
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 
-from rcmae.core.checkpoint import FIXED_KEYS, PretrainCheckpoint, load_state
-from rcmae.core.errors import ConfigError
+from rcmae.core.checkpoint import FIXED_KEYS, WHICH, PretrainCheckpoint, encoder_arch, load_state
+from rcmae.core.errors import CheckpointError, ConfigError
 from rcmae.core.schedules import lr_at, momentum_at
-from rcmae.core.vit import infer_arch
+from rcmae.core.vit import build_classifier, infer_arch, is_encoder_key
 from rcmae.pretrain.models import MaskedAutoencoderViT, build_mae, masked_mean, random_masking_ids
 
 MOMENTUM_SCHEDULES = ("cosine", "official")
@@ -129,6 +130,21 @@ class RCMAE(nn.Module):
             consistency = masked_mean(((pred - teacher_pred) ** 2).mean(dim=-1), mask)
             out.update(loss=recon + self.gamma * consistency, consistency=consistency, teacher_pred=teacher_pred)
         return out
+
+    def encoder(self, which: str = "auto") -> VisionTransformer:
+        """A copy of the teacher's encoder (``auto``: when there is one, else the student's) as timm's
+        ``VisionTransformer`` without head, class-token pooling: what k-NN and the feature pictures read."""
+        if which == "auto":
+            which = "student" if self.teacher is None else "teacher"
+        if which not in WHICH:
+            raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+        source = getattr(self, which)
+        if source is None:
+            raise CheckpointError("this MAE has no teacher: use which=student (or auto)")
+        weights = {k: v for k, v in source.state_dict().items() if is_encoder_key(k)}
+        vit = build_classifier(*encoder_arch(weights, f"the {which}"), num_classes=0, global_pool="token")
+        vit.load_state_dict(weights)
+        return vit
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -20,7 +20,7 @@ from rcmae.core.knn import check_knn, knn_evaluate
 from rcmae.core.optim import build_pretrain_optimizer, pretrain_param_groups
 from rcmae.core.run import accumulation_steps, check_loggers, start_run
 from rcmae.core.trainer import DefaultTrainer
-from rcmae.core.vit import build_classifier, check_arch, is_encoder_key
+from rcmae.core.vit import check_arch
 from rcmae.pretrain.models import build_mae
 from rcmae.pretrain.probe import TrainingProbe
 from rcmae.pretrain.rcmae import (
@@ -103,10 +103,7 @@ def knn_datasets(cfg: dict, out_dir: Path, is_main: bool):
 
 def knn_monitor(model: RCMAE, sets, cfg: dict, run) -> dict:
     """k-NN accuracy of the teacher's encoder (the student's for MAE), all processes taking part."""
-    source = model.teacher if model.teacher is not None else model.student
-    backbone = build_classifier(cfg["model"]["arch"], cfg["model"]["img_size"], 0, "token")
-    backbone.load_state_dict({k: v for k, v in source.state_dict().items() if is_encoder_key(k)})
-    return knn_evaluate(backbone.to(run.device), *sets, run.device, run.amp_dtype, cfg["knn"],
+    return knn_evaluate(model.encoder().to(run.device), *sets, run.device, run.amp_dtype, cfg["knn"],
                         run.env.world_size, run.env.rank, cfg["data"]["num_workers"])
 
 

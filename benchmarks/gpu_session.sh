@@ -18,5 +18,5 @@ for pipeline in fast gpu; do
   $step --warmup 10 --gamma-values 1.0 --data output/bench_jpegs --workers "$CORES" --pipeline $pipeline \
       --json "$OUT/end_to_end_$pipeline.json"
 done
-python benchmarks/linprobe_grid.py --arch vit_base_patch16 --img-size 224 --images-per-class 64 --batch 256 \
+python benchmarks/linprobe_grid.py --arch vit_base_patch16 --img-size 224 --images-per-class 128 --batch 256 \
     --epochs 2 --device cuda --precision bf16 --workers "$CORES" --json "$OUT/linprobe_grid.json"

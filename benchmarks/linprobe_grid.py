@@ -3,16 +3,16 @@
 on the same images and schedule.
 
   python benchmarks/linprobe_grid.py                                  # CPU: ViT-mini, 64 px, generated images
-  python benchmarks/linprobe_grid.py --arch vit_base_patch16 --img-size 224 --images-per-class 64 \\
+  python benchmarks/linprobe_grid.py --arch vit_base_patch16 --img-size 224 --images-per-class 128 \\
       --batch 256 --epochs 2 --device cuda --precision bf16 --json grid.json        # a GPU
 
 Each run is ``tools/linprobe.py``'s ``main(cfg)`` from start to end (the set-up, the training steps, every
-evaluation, the checkpoints), in this process, on an ImageNet-like tree of JPEGs cut from scikit-image's photos
-(generated once, ``--data`` takes your own); the runs write to /dev/shm where it exists. The single run of a
-head is the grid of that one head, which trains it exactly as the grid does (tests/test_probe_grid.py); MAE's
-own probe (``grid`` off) is timed too, on the same images. The heads are the ``--base-lrs`` x ``--features`` of
-the grid. Each round times the grid, the single runs and MAE's probe, the grid first in even rounds and last in
-odd ones; the figures are medians over ``--rounds``. The last line reads
+evaluation, the checkpoints), in this process, on the demo's ImageNet-like tree (4 wnid classes of scikit-image
+photo crops, ``rcmae.core.data.demo``, generated once; ``--data`` takes your own); the runs write to /dev/shm
+where it exists. The single run of a head is the grid of that one head, which trains it exactly as the grid does
+(tests/test_probe_grid.py); MAE's own probe (``grid`` off) is timed too, on the same images. The heads are the
+``--base-lrs`` x ``--features`` of the grid. Each round times the grid, the single runs and MAE's probe, the
+grid first in even rounds and last in odd ones; the figures are medians over ``--rounds``. The last line reads
 ``grid speed-up vs N single runs: X.XX (N=8)``: the N single runs' summed time over the grid's.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from rcmae.core.config import load_config
+from rcmae.core.data.demo import build_demo_labelled
 from rcmae.finetune.defaults import LINPROBE_DEFAULTS
 from rcmae.finetune.train import main as linprobe
 
@@ -35,8 +36,8 @@ from rcmae.finetune.train import main as linprobe
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="a labelled ImageFolder tree with train/ and val/ (default: generate)")
-    p.add_argument("--classes", type=int, default=8, help="classes of the generated tree")
-    p.add_argument("--images-per-class", type=int, default=48, help="train images per class (val: a quarter)")
+    p.add_argument("--images-per-class", type=int, default=96,
+                   help="train images per class of the generated tree (4 classes; val: a quarter)")
     p.add_argument("--arch", default="vit_mini_patch8")
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--batch", type=int, default=32)
@@ -50,34 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="fp32")
     p.add_argument("--json", default=None, metavar="PATH")
     args = p.parse_args(argv)
-    for flag in ("classes", "images_per_class", "batch", "epochs", "rounds"):
+    for flag in ("images_per_class", "batch", "epochs", "rounds"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     return args
-
-
-def generate_tree(root: Path, classes: int, per_class: int, size: int = 96) -> Path:
-    """``root/{train,val}/<wnid>/<wnid>_<k>.JPEG``: random crops of scikit-image's photos, one photo per class
-    (as many classes as photos, cycled with flips beyond)."""
-    import numpy as np
-    import skimage.data
-    from PIL import Image
-
-    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket(),
-              skimage.data.immunohistochemistry(), skimage.data.hubble_deep_field()]
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        photo = photos[c % len(photos)][:, ::-1] if (c // len(photos)) % 2 else photos[c % len(photos)]
-        h, w = photo.shape[:2]
-        for split, count in (("train", per_class), ("val", max(1, per_class // 4))):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for k in range(count):
-                side = int(min(h, w) * rng.uniform(0.3, 0.8))
-                y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-                crop = Image.fromarray(np.ascontiguousarray(photo[y:y + side, x:x + side]))
-                crop.resize((size, size), Image.BICUBIC).save(folder / f"n{c:08d}_{k}.JPEG", quality=90)
-    return root
 
 
 def timed_run(args, data: Path, out: Path, base_lrs: list[float], features: list[str]) -> float:
@@ -109,7 +86,8 @@ def main(argv=None) -> dict:
     shm = Path("/dev/shm")
     with tempfile.TemporaryDirectory(prefix="linprobe_grid_", dir=shm if shm.is_dir() else None) as tmp:
         tmp = Path(tmp)
-        data = Path(args.data) if args.data else generate_tree(tmp / "data", args.classes, args.images_per_class)
+        data = Path(args.data) if args.data else build_demo_labelled(
+            tmp / "data", args.images_per_class, max(1, args.images_per_class // 4))
         grid, single, mae, each = [], [], [], []
         for r in range(args.rounds):  # the grid first in even rounds, last in odd ones: no order favoured
             if r % 2 == 0:

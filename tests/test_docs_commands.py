@@ -93,7 +93,7 @@ SHRINK = {
                                           "--decoder-depth", "1", "--decoder-heads", "2", "--workers", "1"],
     "benchmarks/data_throughput.py": ["--images", "32", "--rounds", "1", "--workers", "1", "--quality-samples", "4"],
     "tools/measure_cost.py": ["--batch-size", "4", "--iters", "1"],
-    "benchmarks/linprobe_grid.py": ["--classes", "2", "--images-per-class", "8", "--batch", "4", "--epochs", "1",
+    "benchmarks/linprobe_grid.py": ["--images-per-class", "8", "--batch", "4", "--epochs", "1",
                                     "--base-lrs", "0.1,1", "--rounds", "1", "--arch", "vit_micro_patch8",
                                     "--img-size", "32", "--device", "cpu", "--precision", "fp32", "--workers", "0"],
     "tools/benchmark.py": [f"--override={job}:{o}" for job, o in (
